@@ -1,0 +1,81 @@
+// Helpers shared by every kernel translation unit.
+//
+// Each kernel file is compiled once per instruction set (generic x86-64/portable, AVX2+FMA,
+// AVX-512), with LLMCORE_ISA naming the namespace and LLMCORE_VEC the float32 lanes of one
+// vector register. Everything defined in a header included by kernel files must therefore live in
+// the LLMCORE_ISA namespace: an inline function outside it would be emitted by every variant and
+// the linker would keep one of them, possibly the AVX-512 one, on a machine without AVX-512.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef LLMCORE_ISA
+#define LLMCORE_ISA generic
+#endif
+#ifndef LLMCORE_VEC
+#define LLMCORE_VEC 4
+#endif
+
+namespace llmcore {
+namespace LLMCORE_ISA {
+
+// Rows per OpenMP chunk for row-wise kernels: large enough that scheduling costs nothing next
+// to a row of work, small enough to balance rows of a few hundred floats over the threads.
+constexpr int64_t kRowGrain = 8;
+
+inline int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// exp(x) for float32 that the compiler vectorises inside `#pragma omp simd` loops (libm's expf
+// is a call it cannot vectorise without -ffast-math, which would also break NaN/inf handling).
+// Cody-Waite range reduction x = n*ln2 + r, |r| <= ln2/2, then a degree-6 polynomial for e^r
+// (Cephes expf coefficients): about 1 ulp. IEEE special cases as expf: exp(-inf) = 0,
+// exp(+inf) = inf, exp(NaN) = NaN; overflow to inf above 88.72, underflow to 0 below -103.97.
+inline float fast_exp(float x) {
+    const float hi = 88.7228394f, lo = -103.972084f;
+    float xc = x > hi ? hi : (x < lo ? lo : x);
+    xc = xc == xc ? xc : 0.0f;  // NaN: compute on 0, return NaN below (no NaN-to-int cast)
+    float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    // Scale by 2^n in two steps so that n down to -150 (subnormal results) stays exact.
+    int32_t ni = (int32_t)n;
+    int32_t n1 = ni / 2, n2 = ni - n1;
+    float s1, s2;
+    int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    std::memcpy(&s1, &b1, 4);
+    std::memcpy(&s2, &b2, 4);
+    float y = p * s1 * s2;
+    y = x > hi ? INFINITY : y;
+    y = x < lo ? 0.0f : y;
+    return x == x ? y : x;
+}
+
+}  // namespace LLMCORE_ISA
+}  // namespace llmcore

@@ -1,0 +1,61 @@
+// GELU, elementwise: the tanh approximation (GPT-2's) or the exact erf form.
+#include "common.h"
+#include "kernels.h"
+
+namespace llmcore {
+namespace LLMCORE_ISA {
+namespace {
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kCoeff = 0.044715f;
+constexpr float kInvSqrt2 = 0.7071067811865476f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+constexpr int64_t kGrain = 4096;  // elements per OpenMP chunk: 16 KiB, a few microseconds
+
+}  // namespace
+
+// tanh form: 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). Written
+// with the sigmoid, because 1 + tanh(u) cancels for negative x (at x = -4 half the float32 digits
+// are lost) while 1 / (1 + exp(-2u)) keeps them. The erf form likewise uses
+// Phi(x) = erfc(-x / sqrt 2) / 2 rather than (1 + erf(x / sqrt 2)) / 2.
+void gelu_forward(float* y, const float* x, int64_t n, bool approximate_tanh) {
+    if (approximate_tanh) {
+#pragma omp parallel for simd schedule(static, kGrain)
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = x[i];
+            const float u = kSqrt2OverPi * (v + kCoeff * v * v * v);
+            y[i] = v / (1.0f + fast_exp(-2.0f * u));
+        }
+    } else {
+        // libm's erfcf: exact to an ulp, not vectorised (no vectorisable erfc here yet).
+#pragma omp parallel for schedule(static, kGrain)
+        for (int64_t i = 0; i < n; ++i) y[i] = 0.5f * x[i] * std::erfc(-x[i] * kInvSqrt2);
+    }
+}
+
+// tanh form, with s = sigmoid(2u) = (1 + tanh u) / 2 and 1 - tanh^2 u = 4 s (1 - s):
+//   d/dx = s + 2 x s (1 - s) u'(x),  u'(x) = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+// erf form: d/dx = Phi(x) + x phi(x)
+void gelu_backward(float* dx, const float* dy, const float* x, int64_t n, bool approximate_tanh) {
+    if (approximate_tanh) {
+#pragma omp parallel for simd schedule(static, kGrain)
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = x[i];
+            const float u = kSqrt2OverPi * (v + kCoeff * v * v * v);
+            const float s = 1.0f / (1.0f + fast_exp(-2.0f * u));
+            const float du = kSqrt2OverPi * (1.0f + 3.0f * kCoeff * v * v);
+            dx[i] = dy[i] * (s + 2.0f * v * s * (1.0f - s) * du);
+        }
+    } else {
+#pragma omp parallel for schedule(static, kGrain)
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = x[i];
+            const float cdf = 0.5f * std::erfc(-v * kInvSqrt2);
+            const float pdf = kInvSqrt2Pi * fast_exp(-0.5f * v * v);
+            dx[i] = dy[i] * (cdf + v * pdf);
+        }
+    }
+}
+
+}  // namespace LLMCORE_ISA
+}  // namespace llmcore

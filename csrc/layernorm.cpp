@@ -1,0 +1,69 @@
+// LayerNorm: y = (x - mean) * rstd * weight + bias, rstd = 1 / sqrt(var + eps), over the last axis.
+#include "common.h"
+#include "kernels.h"
+#include "row_partials.h"
+
+namespace llmcore {
+namespace LLMCORE_ISA {
+
+void layernorm_forward(float* y, float* mean, float* rstd, const float* x, const float* weight,
+                       const float* bias, int64_t rows, int64_t C, float eps) {
+#pragma omp parallel for schedule(static, kRowGrain)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * C;
+        float* yr = y + r * C;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < C; ++i) sum += xr[i];
+        const float m = sum / (float)C;
+        // Variance from the centred values (the row is in cache): no cancellation when |mean|
+        // is large next to the spread, unlike E[x^2] - E[x]^2.
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < C; ++i) ss += (xr[i] - m) * (xr[i] - m);
+        const float s = 1.0f / std::sqrt(ss / (float)C + eps);
+        mean[r] = m;
+        rstd[r] = s;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) yr[i] = (xr[i] - m) * s * weight[i] + bias[i];
+    }
+}
+
+// With xhat = (x - mean) * rstd and g = dy * weight:
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); dweight = sum dy * xhat; dbias = sum dy.
+void layernorm_backward(float* dx, float* dweight, float* dbias, const float* dy, const float* x,
+                        const float* weight, const float* mean, const float* rstd, int64_t rows,
+                        int64_t C) {
+    float* const outs[2] = {dweight, dbias};
+    sum_rows_into<2>(outs, rows, C, [&](int64_t r0, int64_t r1, float* const* partial) {
+        float* dw = partial[0];
+        float* db = partial[1];
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = x + r * C;
+            const float* dyr = dy + r * C;
+            float* dxr = dx + r * C;
+            const float m = mean[r], s = rstd[r];
+            // g = dy * weight is rounded once and kept in dx, so that g - mean(g) is exactly 0
+            // where it should be (C = 1) instead of an FMA's leftover rounding error.
+            float g_sum = 0.0f, gx_sum = 0.0f;
+#pragma omp simd reduction(+ : g_sum, gx_sum)
+            for (int64_t i = 0; i < C; ++i) {
+                const float g = dyr[i] * weight[i];
+                dxr[i] = g;
+                g_sum += g;
+                gx_sum += g * (xr[i] - m) * s;
+            }
+            const float g_mean = g_sum / (float)C, gx_mean = gx_sum / (float)C;
+#pragma omp simd
+            for (int64_t i = 0; i < C; ++i) {
+                const float xhat = (xr[i] - m) * s;
+                dxr[i] = s * (dxr[i] - g_mean - xhat * gx_mean);
+                dw[i] += dyr[i] * xhat;
+                db[i] += dyr[i];
+            }
+        }
+    });
+}
+
+}  // namespace LLMCORE_ISA
+}  // namespace llmcore

@@ -1,0 +1,236 @@
+// matmul: a packed, cache-blocked GEMM around a register-tiled micro-kernel (the BLIS/GotoBLAS
+// structure), plus the bias gradient of linear layers.
+//
+//   for jc in N by NC:            B panel (KC x NC) packed once, shared by all threads (L3)
+//     for pc in K by KC:
+//       for ic in M by MC:        A block (MC x KC) packed per thread (L2)       <- parallel
+//         for jr in NC by NR:     B micro-panel (KC x NR) reused across ir (L1)
+//           for ir in MC by MR:   MR x NR accumulators in registers
+//
+// The micro-kernel is written with GCC vector extensions, so one source gives SSE, AVX2 and
+// AVX-512 code depending on the translation unit's flags: VEC floats per register, an MR x 2VEC
+// tile in 2*MR registers (12 of the 16 or 32 vector registers, leaving room for the B rows and the
+// A broadcast). Packing turns every transpose combination into the same contiguous layout, and
+// zero-pads ragged edges so the micro-kernel never branches on them.
+#include <algorithm>
+
+#include "aligned_buffer.h"
+#include "common.h"
+#include "kernels.h"
+
+namespace llmcore {
+namespace LLMCORE_ISA {
+namespace {
+
+constexpr int VEC = LLMCORE_VEC;
+constexpr int MR = 6;
+constexpr int NR = 2 * VEC;
+// A KC x NR micro-panel of B must stay in the 32 KiB L1 while MC/MR A micro-panels stream past.
+constexpr int64_t KC = VEC == 16 ? 192 : 256;
+constexpr int64_t MC = 144;   // MR * 24: a 144 x KC block of A is 100-150 KiB, well inside L2
+constexpr int64_t NC = 4096;  // a KC x NC panel of B is 3-4 MiB, shared in L3
+
+typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
+
+inline vfloat load(const float* p) {
+    vfloat v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+thread_local AlignedBuffer tls_packed_a, tls_packed_b;
+
+// How the tile of C is written: the first K block overwrites (plus bias), later ones add.
+struct Epilogue {
+    bool add;            // C += tile, else C = tile
+    const float* bias;   // added to every row (first K block only), or null
+};
+
+// acc (MR x NR) = sum over k < kc of Ap[k] (MR) outer Bp[k] (NR), then written to C.
+inline void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp,
+                         float* __restrict c, int64_t ldc, int mr, int nr, Epilogue ep) {
+    vfloat acc[MR][2] = {};
+    for (int64_t k = 0; k < kc; ++k) {
+        const vfloat b0 = load(bp + k * NR), b1 = load(bp + k * NR + VEC);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+            const float a = ap[k * MR + r];
+            acc[r][0] += a * b0;
+            acc[r][1] += a * b1;
+        }
+    }
+    if (ep.bias && nr == NR) {
+        const vfloat bias0 = load(ep.bias), bias1 = load(ep.bias + VEC);
+        for (int r = 0; r < MR; ++r) { acc[r][0] += bias0; acc[r][1] += bias1; }
+    }
+    if (mr == MR && nr == NR) {
+        for (int r = 0; r < MR; ++r) {
+            float* row = c + r * ldc;
+            if (ep.add) {
+                store(row, load(row) + acc[r][0]);
+                store(row + VEC, load(row + VEC) + acc[r][1]);
+            } else {
+                store(row, acc[r][0]);
+                store(row + VEC, acc[r][1]);
+            }
+        }
+        return;
+    }
+    // Ragged edge: spill the tile and copy the part that exists.
+    alignas(64) float tile[MR][NR];
+    for (int r = 0; r < MR; ++r) { store(tile[r], acc[r][0]); store(tile[r] + VEC, acc[r][1]); }
+    for (int r = 0; r < mr; ++r) {
+        float* row = c + r * ldc;
+        for (int j = 0; j < nr; ++j) {
+            float t = tile[r][j] + (ep.bias && nr != NR ? ep.bias[j] : 0.0f);
+            row[j] = ep.add ? row[j] + t : t;
+        }
+    }
+}
+
+// Packs op(A)[i0:i0+mc, p0:p0+kc] into MR-row micro-panels: ap[panel][k][r], zero-padded rows.
+void pack_a(float* ap, const float* a, bool trans, int64_t M, int64_t K, int64_t i0, int64_t mc,
+            int64_t p0, int64_t kc) {
+    for (int64_t ir = 0; ir < mc; ir += MR) {
+        const int rows = (int)std::min<int64_t>(MR, mc - ir);
+        float* dst = ap + ir * kc;
+        if (trans) {  // op(A)(i, k) = a[k * M + i]: MR consecutive floats per k
+            for (int64_t k = 0; k < kc; ++k) {
+                const float* src = a + (p0 + k) * M + i0 + ir;
+                for (int r = 0; r < rows; ++r) dst[k * MR + r] = src[r];
+                for (int r = rows; r < MR; ++r) dst[k * MR + r] = 0.0f;
+            }
+        } else {  // op(A)(i, k) = a[i * K + k]: one row per r
+            for (int r = 0; r < MR; ++r) {
+                if (r < rows) {
+                    const float* src = a + (i0 + ir + r) * K + p0;
+                    for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = src[k];
+                } else {
+                    for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+// Packs one NR-column micro-panel op(B)[p0:p0+kc, j0:j0+NR] into bp[k][j], zero-padded columns.
+void pack_b_panel(float* bp, const float* b, bool trans, int64_t N, int64_t K, int64_t j0,
+                  int64_t p0, int64_t kc) {
+    const int cols = (int)std::min<int64_t>(NR, N - j0);
+    if (!trans) {  // op(B)(k, j) = b[k * N + j]: rows are contiguous
+        for (int64_t k = 0; k < kc; ++k) {
+            const float* src = b + (p0 + k) * N + j0;
+            float* dst = bp + k * NR;
+            if (cols == NR) {
+                store(dst, load(src));
+                store(dst + VEC, load(src + VEC));
+            } else {
+                for (int j = 0; j < cols; ++j) dst[j] = src[j];
+                for (int j = cols; j < NR; ++j) dst[j] = 0.0f;
+            }
+        }
+    } else {  // op(B)(k, j) = b[j * K + k]: walk each source row once
+        for (int j = 0; j < cols; ++j) {
+            const float* src = b + (j0 + j) * K + p0;
+            for (int64_t k = 0; k < kc; ++k) bp[k * NR + j] = src[k];
+        }
+        for (int j = cols; j < NR; ++j)
+            for (int64_t k = 0; k < kc; ++k) bp[k * NR + j] = 0.0f;
+    }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One C (M,N) = op(A) @ op(B); threads split the work when `parallel` (otherwise the caller is
+// already running one GEMM per thread).
+void gemm_one(float* c, const float* a, const float* b, const float* bias, int64_t M, int64_t N,
+              int64_t K, bool trans_a, bool trans_b, bool accumulate, bool parallel) {
+    if (K == 0) {  // C = bias (or 0), or unchanged when accumulating
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j)
+                c[i * N + j] = (accumulate ? c[i * N + j] : 0.0f) + (bias ? bias[j] : 0.0f);
+        return;
+    }
+    const int64_t nc_max = std::min(NC, ceil_div(N, NR) * NR);
+    float* packed_b = tls_packed_b.get(std::min(KC, K) * nc_max);
+    const int threads = parallel ? max_threads() : 1;
+
+#pragma omp parallel num_threads(threads)
+    {
+        float* packed_a = tls_packed_a.get(MC * std::min(KC, K));
+        for (int64_t jc = 0; jc < N; jc += NC) {
+            const int64_t nc = std::min(NC, N - jc);
+            const int64_t panels = ceil_div(nc, NR);
+            for (int64_t pc = 0; pc < K; pc += KC) {
+                const int64_t kc = std::min(KC, K - pc);
+#pragma omp for schedule(static)
+                for (int64_t jr = 0; jr < panels; ++jr)
+                    pack_b_panel(packed_b + jr * kc * NR, b, trans_b, N, K, jc + jr * NR, pc, kc);
+
+                // Tasks: row blocks x groups of B micro-panels, enough of them to feed every
+                // thread even when M is small (each task packs its own A block).
+                const int64_t row_blocks = ceil_div(M, MC);
+                const int64_t groups = std::min(panels, std::max<int64_t>(1, ceil_div(4 * threads, row_blocks)));
+                const int64_t per_group = ceil_div(panels, groups);
+                const Epilogue ep{accumulate || pc > 0, pc == 0 ? bias : nullptr};
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t task = 0; task < row_blocks * groups; ++task) {
+                    const int64_t ic = (task / groups) * MC, g = task % groups;
+                    const int64_t mc = std::min(MC, M - ic);
+                    const int64_t jr_end = std::min(panels, (g + 1) * per_group);
+                    pack_a(packed_a, a, trans_a, M, K, ic, mc, pc, kc);
+                    for (int64_t jr = g * per_group; jr < jr_end; ++jr) {
+                        const int64_t j0 = jc + jr * NR;
+                        const int nr = (int)std::min<int64_t>(NR, N - j0);
+                        Epilogue tile_ep{ep.add, ep.bias ? ep.bias + j0 : nullptr};
+                        for (int64_t ir = 0; ir < mc; ir += MR) {
+                            const int mr = (int)std::min<int64_t>(MR, mc - ir);
+                            micro_kernel(kc, packed_a + ir * kc, packed_b + jr * kc * NR,
+                                         c + (ic + ir) * N + j0, N, mr, nr, tile_ep);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void gemm(float* c, const float* a, const float* b, const float* bias, int64_t batch, int64_t M,
+          int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t batch_stride_a,
+          int64_t batch_stride_b, int64_t batch_stride_c, bool accumulate) {
+    if (batch <= 0 || M <= 0 || N <= 0) return;
+    // Many small products: one whole GEMM per thread beats splitting each one.
+    const bool per_thread = batch >= 2 * max_threads() || (batch > 1 && M * N * K < (int64_t)1 << 18);
+    if (per_thread) {
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int64_t i = 0; i < batch; ++i)
+            gemm_one(c + i * batch_stride_c, a + i * batch_stride_a, b + i * batch_stride_b, bias, M,
+                     N, K, trans_a, trans_b, accumulate, false);
+    } else {
+        for (int64_t i = 0; i < batch; ++i)
+            gemm_one(c + i * batch_stride_c, a + i * batch_stride_a, b + i * batch_stride_b, bias, M,
+                     N, K, trans_a, trans_b, accumulate, true);
+    }
+}
+
+void bias_backward(float* dbias, const float* dy, int64_t M, int64_t N) {
+    // Threads own column ranges, so the sum over rows is race-free and the same for any thread
+    // count; within a range the row loop is outermost so each row of dy streams contiguously.
+    constexpr int64_t kCols = 256;
+#pragma omp parallel for schedule(static)
+    for (int64_t j0 = 0; j0 < N; j0 += kCols) {
+        const int64_t j1 = std::min(N, j0 + kCols);
+        for (int64_t j = j0; j < j1; ++j) dbias[j] = 0.0f;
+        for (int64_t i = 0; i < M; ++i) {
+            const float* row = dy + i * N;
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) dbias[j] += row[j];
+        }
+    }
+}
+
+}  // namespace LLMCORE_ISA
+}  // namespace llmcore

@@ -1,0 +1,50 @@
+// RMSNorm: y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps), over the last axis.
+#include "common.h"
+#include "kernels.h"
+#include "row_partials.h"
+
+namespace llmcore {
+namespace LLMCORE_ISA {
+
+void rmsnorm_forward(float* y, float* rstd, const float* x, const float* weight, int64_t rows,
+                     int64_t C, float eps) {
+#pragma omp parallel for schedule(static, kRowGrain)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * C;
+        float* yr = y + r * C;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < C; ++i) ss += xr[i] * xr[i];
+        const float s = 1.0f / std::sqrt(ss / (float)C + eps);
+        rstd[r] = s;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) yr[i] = xr[i] * s * weight[i];
+    }
+}
+
+// With g = dy * weight: dx = rstd * g - x * rstd^3 * mean(g * x); dweight = sum_rows dy * x * rstd.
+void rmsnorm_backward(float* dx, float* dweight, const float* dy, const float* x,
+                      const float* weight, const float* rstd, int64_t rows, int64_t C) {
+    float* const outs[1] = {dweight};
+    sum_rows_into<1>(outs, rows, C, [&](int64_t r0, int64_t r1, float* const* partial) {
+        float* dw = partial[0];
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = x + r * C;
+            const float* dyr = dy + r * C;
+            float* dxr = dx + r * C;
+            const float s = rstd[r];
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < C; ++i) dot += dyr[i] * weight[i] * xr[i];
+            const float k = s * s * s * dot / (float)C;
+#pragma omp simd
+            for (int64_t i = 0; i < C; ++i) {
+                dxr[i] = s * dyr[i] * weight[i] - k * xr[i];
+                dw[i] += dyr[i] * xr[i] * s;
+            }
+        }
+    });
+}
+
+}  // namespace LLMCORE_ISA
+}  // namespace llmcore

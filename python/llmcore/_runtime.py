@@ -1,0 +1,76 @@
+"""Runtime settings of the CPU core: threads and the SIMD level, read from the environment at
+import (LLMCORE_NUM_THREADS, LLMCORE_SIMD) and changeable afterwards."""
+from __future__ import annotations
+
+import os
+import platform
+
+from . import _cpu
+from ._backend import cuda_available
+
+
+def get_num_threads() -> int:
+    """OpenMP threads the CPU kernels use."""
+    return _cpu.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the OpenMP threads of the CPU kernels (results are deterministic for a given count)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    _cpu.set_num_threads(n)
+
+
+def simd() -> str:
+    """The instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'generic'."""
+    return _cpu.simd()
+
+
+def set_simd(name: str) -> None:
+    """Uses the kernels compiled for `name` (one of supported_simd()); for testing lower paths."""
+    _cpu.set_simd(name)
+
+
+def info() -> dict:
+    """What this build is and what it chose on this machine."""
+    from . import __version__
+
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "simd": simd(),
+        "simd_supported": list(_cpu.supported_simd()),
+        "openmp": bool(_cpu.openmp),
+        "num_threads": get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda_built": _cuda_built(),
+        "cuda_available": cuda_available(),
+    }
+
+
+def _cuda_built() -> bool:
+    try:
+        from . import _cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _apply_environment() -> None:
+    threads = os.environ.get("LLMCORE_NUM_THREADS")
+    if threads:
+        try:
+            n = int(threads)
+        except ValueError:
+            raise ValueError(f"LLMCORE_NUM_THREADS: expected a positive integer, got {threads!r}") from None
+        set_num_threads(n)
+    level = os.environ.get("LLMCORE_SIMD")
+    if level:
+        try:
+            set_simd(level)
+        except ValueError as exc:
+            raise ValueError(f"LLMCORE_SIMD: {exc}") from None
+
+
+_apply_environment()

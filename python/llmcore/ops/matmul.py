@@ -1,0 +1,58 @@
+"""matmul, linear and linear_backward: the GEMM in csrc/matmul.cpp."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks as chk
+
+
+def _operand(name: str, x, transpose: bool):
+    """A float32 operand and its transpose flag, without copying a transposed 2-D view."""
+    chk.float_array(name, x, (2, None), contiguous=False)
+    if not x.flags.c_contiguous and x.ndim == 2 and x.T.flags.c_contiguous:
+        return x.T, not transpose  # x is the transpose of a C-contiguous array: flip the flag
+    return np.ascontiguousarray(x), transpose
+
+
+def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
+    """a @ b over the last two axes (each optionally transposed).
+
+    a is (..., M, K) ((..., K, M) with transpose_a); b is (K, N) ((N, K) with transpose_b), or
+    has a's batch dimensions in front. Returns (..., M, N) float32.
+    """
+    a, transpose_a = _operand("a", a, bool(transpose_a))
+    b, transpose_b = _operand("b", b, bool(transpose_b))
+    k_a = a.shape[-2] if transpose_a else a.shape[-1]
+    k_b = b.shape[-1] if transpose_b else b.shape[-2]
+    if k_a != k_b:
+        raise ValueError(f"b: inner dimensions differ: a gives K={k_a} (shape {a.shape}, transpose_a="
+                         f"{transpose_a}), b gives K={k_b} (shape {b.shape}, transpose_b={transpose_b})")
+    if b.ndim > 2 and b.shape[:-2] != a.shape[:-2]:
+        raise ValueError(f"b: expected 2 dimensions or a's batch dimensions {a.shape[:-2]} in front, got shape {b.shape}")
+    return chk.backend(a, b).matmul(a, b, transpose_a, transpose_b)
+
+
+def _linear_shapes(x, weight):
+    x = chk.float_array("x", x, (1, None))
+    weight = chk.float_array("weight", weight, 2)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: last axis must equal weight's in_features {weight.shape[1]} "
+                         f"(weight is (out, in) = {weight.shape}), got shape {x.shape}")
+    return x, weight
+
+
+def linear(x, weight, bias=None):
+    """x (..., in) @ weight (out, in).T + bias (out,) -> (..., out)."""
+    x, weight = _linear_shapes(x, weight)
+    if bias is not None:
+        bias = chk.float_array("bias", bias, 1)
+        chk.same_shape("bias", bias, (weight.shape[0],), "weight's out_features")
+    return chk.backend(x, weight).linear(x, weight, bias)
+
+
+def linear_backward(dy, x, weight, *, has_bias: bool = False):
+    """(dx, dweight, dbias or None) for y = linear(x, weight, bias)."""
+    x, weight = _linear_shapes(x, weight)
+    dy = chk.float_array("dy", dy)
+    chk.same_shape("dy", dy, x.shape[:-1] + (weight.shape[0],), "x's shape with out_features last")
+    return chk.backend(dy, x, weight).linear_backward(dy, x, weight, bool(has_bias))

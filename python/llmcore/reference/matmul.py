@@ -1,0 +1,29 @@
+"""matmul and linear in NumPy: the specification of csrc/matmul.cpp."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
+
+
+def matmul(a, b, *, transpose_a=False, transpose_b=False):
+    """a @ b over the last two axes; leading batch dims of `a` (and of `b` where it has them)."""
+    return np.matmul(_t(a) if transpose_a else a, _t(b) if transpose_b else b)
+
+
+def linear(x, weight, bias=None):
+    """x (..., in) @ weight (out, in).T + bias (out,)."""
+    y = x @ weight.T
+    return y + bias if bias is not None else y
+
+
+def linear_backward(dy, x, weight, *, has_bias=False):
+    """(dx, dweight, dbias or None) for y = linear(x, weight, bias)."""
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (rows, out)
+    x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+    dx = dy @ weight  # (..., in)
+    dweight = dy2.T @ x2  # (out, in)
+    dbias = dy2.sum(axis=0) if has_bias else None
+    return dx, dweight, dbias

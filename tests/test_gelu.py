@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from llmcore import ops, reference as ref
+from helpers import ROW_SHAPES, assert_close, f64, numerical_grad, randn, rel_err
+
+TOL = 1e-5
+FORMS = ["tanh", "none"]
+
+
+@pytest.mark.parametrize("approximate", FORMS)
+@pytest.mark.parametrize("shape", ROW_SHAPES + [(), (0,), (3, 0, 2)])
+def test_gelu_forward_and_backward(simd, rng, shape, approximate):
+    x = randn(rng, shape, scale=3.0)
+    dy = randn(rng, shape)
+    assert_close(ops.gelu(x, approximate), ref.gelu(*f64(x), approximate), TOL, "y")
+    assert_close(ops.gelu_backward(dy, x, approximate), ref.gelu_backward(*f64(dy, x), approximate), TOL, "dx")
+
+
+@pytest.mark.parametrize("approximate", FORMS)
+def test_gelu_extremes(approximate):
+    x = np.array([0.0, -0.0, 1e-8, -1e-8, 20.0, -20.0, 1e4, -1e4, np.inf, -np.inf, np.nan], np.float32)
+    y = ops.gelu(x, approximate)
+    expected = ref.gelu(x.astype(np.float64), approximate)
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-30)  # NaN where the reference has NaN
+
+
+@pytest.mark.parametrize("approximate", FORMS)
+def test_reference_gelu_backward_matches_finite_differences(rng, approximate):
+    x, dy = rng.standard_normal((4, 5)) * 2, rng.standard_normal((4, 5))
+    np.testing.assert_allclose(ref.gelu_backward(dy, x, approximate),
+                               numerical_grad(lambda t: ref.gelu(t, approximate), x, dy), rtol=1e-6, atol=1e-9)
+
+
+@given(n=st.integers(1, 5000), approximate=st.sampled_from(FORMS), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=30, deadline=None)
+def test_gelu_random_shapes(n, approximate, seed):
+    rng = np.random.default_rng(seed)
+    x, dy = randn(rng, (n,), scale=3.0), randn(rng, (n,))
+    assert rel_err(ops.gelu(x, approximate), ref.gelu(*f64(x), approximate)) <= TOL
+    assert rel_err(ops.gelu_backward(dy, x, approximate), ref.gelu_backward(*f64(dy, x), approximate)) <= TOL

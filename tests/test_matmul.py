@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import llmcore
+from llmcore import ops, reference as ref
+from helpers import MATMUL_SHAPES, assert_close, f64, numerical_grad, randn, rel_err
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("M,N,K", MATMUL_SHAPES)
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_matmul_matches_reference(simd, rng, M, N, K, transpose_a, transpose_b):
+    a = randn(rng, (K, M) if transpose_a else (M, K))
+    b = randn(rng, (N, K) if transpose_b else (K, N))
+    out = ops.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    expected = ref.matmul(*f64(a, b), transpose_a=transpose_a, transpose_b=transpose_b)
+    assert out.shape == (M, N)
+    assert_close(out, expected, TOL)
+
+
+def test_matmul_is_exact_on_small_integers(simd, rng):
+    # Every partial sum is an integer below 2^24, so float32 must reproduce it exactly.
+    for M, N, K in [(37, 41, 300), (6, 33, 1000), (145, 7, 257)]:
+        a = rng.integers(-8, 9, (M, K)).astype(np.float32)
+        b = rng.integers(-8, 9, (K, N)).astype(np.float32)
+        np.testing.assert_array_equal(ops.matmul(a, b), (a.astype(np.int64) @ b.astype(np.int64)).astype(np.float32))
+
+
+@pytest.mark.parametrize("batch", [(1,), (3,), (2, 5)])
+@pytest.mark.parametrize("shared_b", [True, False])
+@pytest.mark.parametrize("transpose_a", [False, True])
+def test_batched_matmul(rng, batch, shared_b, transpose_a):
+    M, N, K = 9, 17, 33
+    a = randn(rng, batch + ((K, M) if transpose_a else (M, K)))
+    b = randn(rng, (K, N) if shared_b else batch + (K, N))
+    out = ops.matmul(a, b, transpose_a=transpose_a)
+    assert out.shape == batch + (M, N)
+    assert_close(out, ref.matmul(*f64(a, b), transpose_a=transpose_a), TOL)
+
+
+def test_transposed_views_need_no_flag(rng):
+    a = randn(rng, (40, 30))
+    b = randn(rng, (50, 40))
+    assert_close(ops.matmul(a.T, b.T), f64(a)[0].T @ f64(b)[0].T, TOL)
+    c = randn(rng, (45, 20))[::3]  # (15, 20), every third row
+    assert_close(ops.matmul(a[:, ::2], c), f64(a[:, ::2])[0] @ f64(c)[0], TOL)
+
+
+def test_empty_dimensions(rng):
+    assert ops.matmul(np.zeros((0, 5), np.float32), randn(rng, (5, 3))).shape == (0, 3)
+    assert ops.matmul(randn(rng, (4, 5)), np.zeros((5, 0), np.float32)).shape == (4, 0)
+    np.testing.assert_array_equal(ops.matmul(np.zeros((4, 0), np.float32), np.zeros((0, 3), np.float32)), np.zeros((4, 3)))
+
+
+def test_result_does_not_depend_on_thread_count(rng, threads):
+    a, b = randn(rng, (300, 200)), randn(rng, (200, 170))
+    llmcore.set_num_threads(1)
+    one = ops.matmul(a, b)
+    llmcore.set_num_threads(2)
+    np.testing.assert_array_equal(one, ops.matmul(a, b))
+
+
+@given(M=st.integers(1, 80), N=st.integers(1, 80), K=st.integers(1, 300),
+       ta=st.booleans(), tb=st.booleans(), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=40, deadline=None)
+def test_matmul_random_shapes(M, N, K, ta, tb, seed):
+    rng = np.random.default_rng(seed)
+    a = randn(rng, (K, M) if ta else (M, K))
+    b = randn(rng, (N, K) if tb else (K, N))
+    out = ops.matmul(a, b, transpose_a=ta, transpose_b=tb)
+    assert rel_err(out, ref.matmul(*f64(a, b), transpose_a=ta, transpose_b=tb)) <= TOL
+
+
+# linear ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("x_shape,out_features", [((1, 1), 1), ((7, 33), 17), ((2, 5, 64), 129), ((145, 31), 65), ((3,), 5)])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_linear_forward_and_backward(simd, rng, x_shape, out_features, has_bias):
+    x = randn(rng, x_shape)
+    w = randn(rng, (out_features, x_shape[-1]))
+    b = randn(rng, (out_features,)) if has_bias else None
+    y = ops.linear(x, w, b)
+    assert_close(y, ref.linear(*f64(x, w, b)), TOL, "y")
+
+    dy = randn(rng, y.shape)
+    dx, dw, db = ops.linear_backward(dy, x, w, has_bias=has_bias)
+    rdx, rdw, rdb = ref.linear_backward(*f64(dy, x, w), has_bias=has_bias)
+    assert_close(dx, rdx, TOL, "dx")
+    assert_close(dw, rdw, TOL, "dweight")
+    if has_bias:
+        assert_close(db, rdb, 1e-5, "dbias")
+    else:
+        assert db is None
+
+
+def test_reference_linear_backward_matches_finite_differences(rng):
+    x, w, b = (rng.standard_normal(s) for s in [(2, 3, 4), (5, 4), (5,)])
+    dy = rng.standard_normal((2, 3, 5))
+    dx, dw, db = ref.linear_backward(dy, x, w, has_bias=True)
+    np.testing.assert_allclose(dx, numerical_grad(lambda t: ref.linear(t, w, b), x, dy), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dw, numerical_grad(lambda t: ref.linear(x, t, b), w, dy), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(db, numerical_grad(lambda t: ref.linear(x, w, t), b, dy), rtol=1e-6, atol=1e-8)
