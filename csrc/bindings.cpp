@@ -78,8 +78,13 @@ void require_shape(const py::array& a, const char* name, const Shape& want) {
 
 Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
 
-// Rows of an array viewed as (rows, last axis).
-int64_t rows_of(const py::array& a) { return a.ndim() == 0 ? 1 : a.size() / std::max<py::ssize_t>(a.shape(a.ndim() - 1), 1); }
+// Rows of an array viewed as (rows, last axis): the product of every axis but the last (not
+// size / last, which is 0 when the last axis is empty although the rows still exist).
+int64_t rows_of(const py::array& a) {
+    int64_t rows = 1;
+    for (py::ssize_t i = 0; i + 1 < a.ndim(); ++i) rows *= a.shape(i);
+    return rows;
+}
 
 py::array_t<float> empty_f32(const Shape& shape) { return py::array_t<float>(shape); }
 

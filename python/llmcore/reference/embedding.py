@@ -13,5 +13,5 @@ def embedding_backward(dout, ids, vocab_size):
     """dweight (V, C): the rows of dout summed into the rows their ids name."""
     C = dout.shape[-1]
     dweight = np.zeros((vocab_size, C), dtype=dout.dtype)
-    np.add.at(dweight, ids.reshape(-1), dout.reshape(-1, C))
+    np.add.at(dweight, ids.reshape(-1), dout.reshape(ids.size, C))  # (n, C)
     return dweight

@@ -21,8 +21,9 @@ def linear(x, weight, bias=None):
 
 def linear_backward(dy, x, weight, *, has_bias=False):
     """(dx, dweight, dbias or None) for y = linear(x, weight, bias)."""
-    dy2 = dy.reshape(-1, dy.shape[-1])  # (rows, out)
-    x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+    rows = int(np.prod(x.shape[:-1]))  # (not -1: a reshape cannot infer it when a size is 0)
+    dy2 = dy.reshape(rows, dy.shape[-1])  # (rows, out)
+    x2 = x.reshape(rows, x.shape[-1])  # (rows, in)
     dx = dy @ weight  # (..., in)
     dweight = dy2.T @ x2  # (out, in)
     dbias = dy2.sum(axis=0) if has_bias else None

@@ -5,7 +5,7 @@ import numpy as np
 
 
 def softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    e = np.exp(x - x.max(axis=-1, keepdims=True, initial=-np.inf))  # initial: an empty axis is fine
     return e / e.sum(axis=-1, keepdims=True)
 
 
