@@ -1,0 +1,292 @@
+"""Layers with explicit forward and backward passes, built only from llmcore operations.
+
+Every layer runs on a Backend: "numpy" (llmcore.reference, float32 or float64), "cpu" (llmcore.ops,
+the compiled core, float32) and later "cuda". Elementwise glue (adds, reshapes, ReLU, RoPE) is
+written with array methods so the same code serves each backend.
+
+The gradient rule, for every layer in this file:
+  * forward(x) saves what backward needs and returns the output;
+  * backward(dy) returns dx, a fresh array: activation gradients OVERWRITE (=);
+  * parameter gradients ACCUMULATE into Parameter.grad (+=), so two forward/backward passes before
+    an optimizer step add up (gradient accumulation), and a parameter shared by two layers (tied
+    embeddings) receives the sum of both contributions. Call zero_grad() before each new step.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import positions
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends: name -> the namespace of operations and the array module the glue uses.
+
+class Backend:
+    def __init__(self, name: str, ops, xp):
+        self.name, self.ops, self.xp = name, ops, xp
+
+    def __repr__(self):
+        return f"Backend({self.name!r})"
+
+
+BACKENDS = ("numpy", "cpu", "cuda")
+
+
+def get_backend(name: str) -> Backend:
+    """The Backend called `name`: "numpy" (NumPy reference), "cpu" (compiled core) or "cuda"."""
+    if isinstance(name, Backend):
+        return name
+    if name == "numpy":
+        from . import reference
+
+        return Backend("numpy", reference, np)
+    if name == "cpu":
+        from . import ops
+
+        return Backend("cpu", ops, np)
+    if name == "cuda":
+        raise RuntimeError("backend 'cuda': the model does not run on the CUDA core yet "
+                           "(use backend 'cpu' for the compiled CPU core or 'numpy' for the reference)")
+    raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+class Parameter:
+    """A trainable array and the gradient that backward passes accumulate into it."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = np.zeros_like(data)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Finds its parameters by walking its attributes (Parameters, Modules, lists of Modules)."""
+
+    def named_parameters(self, prefix: str = ""):
+        seen = set()
+        for name, value in vars(self).items():
+            items = [(name, value)]
+            if isinstance(value, list):
+                items = [(f"{name}.{i}", v) for i, v in enumerate(value)]
+            for key, item in items:
+                if isinstance(item, Parameter) and id(item) not in seen:
+                    seen.add(id(item))
+                    yield prefix + key, item
+                elif isinstance(item, Module):
+                    for sub_name, p in item.named_parameters(prefix + key + "."):
+                        if id(p) not in seen:  # a shared Parameter keeps its first name
+                            seen.add(id(p))
+                            yield sub_name, p
+
+    def zero_grad(self):
+        for _, p in self.named_parameters():
+            p.grad[...] = 0
+
+
+def _normal(rng, shape, std, dtype):
+    return (rng.standard_normal(shape) * std).astype(dtype)
+
+
+class Embedding(Module):
+    """Rows of a (num, dim) table looked up by integer ids."""
+
+    def __init__(self, be, num, dim, *, rng, dtype, std=0.02):
+        self.be = be
+        self.weight = Parameter(_normal(rng, (num, dim), std, dtype))
+
+    def forward(self, ids):
+        self.ids = ids  # (B, T)
+        return self.be.ops.embedding(self.weight.data, ids)  # (B, T, C)
+
+    def backward(self, dout):
+        self.weight.grad += self.be.ops.embedding_backward(dout, self.ids, self.weight.data.shape[0])
+        return None  # ids are integers: nothing flows further back
+
+
+class Linear(Module):
+    """y = x @ weight.T (+ bias), weight (out, in). `weight` may be an existing Parameter (tying)."""
+
+    def __init__(self, be, d_in, d_out, *, rng, dtype, bias=False, std=0.02, weight=None):
+        self.be = be
+        self.weight = weight if weight is not None else Parameter(_normal(rng, (d_out, d_in), std, dtype))
+        self.bias = Parameter(np.zeros(d_out, dtype=dtype)) if bias else None
+
+    def forward(self, x):
+        self.x = x  # (..., in)
+        return self.be.ops.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+
+    def backward(self, dy):
+        dx, dw, db = self.be.ops.linear_backward(dy, self.x, self.weight.data, has_bias=self.bias is not None)
+        self.weight.grad += dw
+        if self.bias is not None:
+            self.bias.grad += db
+        return dx
+
+
+class RMSNorm(Module):
+    def __init__(self, be, dim, *, dtype, eps=1e-5):
+        self.be, self.eps = be, eps
+        self.weight = Parameter(np.ones(dim, dtype=dtype))
+
+    def forward(self, x):
+        y, self.rstd = self.be.ops.rmsnorm(x, self.weight.data, self.eps)
+        self.x = x
+        return y
+
+    def backward(self, dy):
+        dx, dw = self.be.ops.rmsnorm_backward(dy, self.x, self.weight.data, self.rstd)
+        self.weight.grad += dw
+        return dx
+
+
+class LayerNorm(Module):
+    def __init__(self, be, dim, *, dtype, eps=1e-5):
+        self.be, self.eps = be, eps
+        self.weight = Parameter(np.ones(dim, dtype=dtype))
+        self.bias = Parameter(np.zeros(dim, dtype=dtype))
+
+    def forward(self, x):
+        y, self.mean, self.rstd = self.be.ops.layernorm(x, self.weight.data, self.bias.data, self.eps)
+        self.x = x
+        return y
+
+    def backward(self, dy):
+        dx, dw, db = self.be.ops.layernorm_backward(dy, self.x, self.weight.data, self.mean, self.rstd)
+        self.weight.grad += dw
+        self.bias.grad += db
+        return dx
+
+
+def make_norm(kind, be, dim, *, dtype):
+    if kind == "rmsnorm":
+        return RMSNorm(be, dim, dtype=dtype)
+    if kind == "layernorm":
+        return LayerNorm(be, dim, dtype=dtype)
+    raise ValueError(f"norm: expected 'rmsnorm' or 'layernorm', got {kind!r}")
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one attention layer: (B, max_len, Hkv, D) each.
+
+    With GQA/MQA it holds only the Hkv shared heads: the cache is H/Hkv times smaller than MHA's."""
+
+    def __init__(self, B, max_len, n_kv_head, head_dim, dtype, xp=np):
+        self.k = xp.empty((B, max_len, n_kv_head, head_dim), dtype=dtype)
+        self.v = xp.empty((B, max_len, n_kv_head, head_dim), dtype=dtype)
+
+
+class CausalSelfAttention(Module):
+    """Multi-head causal self-attention with one fused QKV projection and n_kv_head K/V heads
+    (n_kv_head == n_head: MHA; 1: MQA; in between: GQA, each K/V head shared by n_head/n_kv_head
+    query heads, which the attention kernel handles without expanding K and V)."""
+
+    def __init__(self, be, cfg, *, rng, dtype):
+        self.be = be
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.d_model // cfg.n_head
+        qkv_dim = (cfg.n_head + 2 * cfg.n_kv_head) * self.head_dim
+        self.c_attn = Linear(be, cfg.d_model, qkv_dim, rng=rng, dtype=dtype, bias=cfg.bias)
+        # GPT-2's scaled init of the projections into the residual stream: 1/sqrt(2 * n_layer).
+        self.c_proj = Linear(be, cfg.n_head * self.head_dim, cfg.d_model, rng=rng, dtype=dtype,
+                             bias=cfg.bias, std=0.02 / np.sqrt(2 * cfg.n_layer))
+        self.rope = None
+        if cfg.pos == "rope":
+            self.rope = positions.rope_tables(cfg.seq_len, self.head_dim, dtype=dtype)
+        self.alibi_slopes = positions.alibi_slopes(cfg.n_head, dtype=dtype) if cfg.pos == "alibi" else None
+
+    def forward(self, x, cache=None, start=0):
+        """x (B, T, C). With a KVCache, x holds the tokens at positions start..start+T-1 and attends
+        to every cached token before them as well (prefill: start=0; decoding: T=1)."""
+        xp, ops = self.be.xp, self.be.ops
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.c_attn.forward(x).reshape(B, T, H + 2 * Hkv, D)  # (B, T, H + 2Hkv, D)
+        # q, k, v are strided views into the fused buffer: the kernel reads them without a copy.
+        q, k, v = qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
+        if self.rope is not None:
+            qk = xp.empty((B, T, H + Hkv, D), dtype=x.dtype)  # rotated q and k side by side
+            positions.rope_forward(qkv[:, :, :H + Hkv], self.rope[start:start + T], out=qk)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        if cache is not None:
+            cache.k[:, start:start + T] = k
+            cache.v[:, start:start + T] = v
+            k, v = cache.k[:, :start + T], cache.v[:, :start + T]  # (B, S, Hkv, D), S = start + T
+        out, lse = ops.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes)  # (B, T, H, D)
+        self.saved = (q, k, v, out, lse)
+        return self.c_proj.forward(out.reshape(B, T, H * D))  # (B, T, C)
+
+    def backward(self, dy):
+        xp, ops = self.be.xp, self.be.ops
+        q, k, v, out, lse = self.saved
+        B, T, H, D = q.shape
+        Hkv = self.n_kv_head
+        dout = self.c_proj.backward(dy).reshape(B, T, H, D)  # (B, T, H, D)
+        dq, dk, dv = ops.attention_backward(dout, q, k, v, out, lse, causal=True,
+                                            alibi_slopes=self.alibi_slopes)
+        dqkv = xp.empty((B, T, H + 2 * Hkv, D), dtype=dq.dtype)  # the gradient of the fused buffer
+        if self.rope is not None:
+            positions.rope_backward(dq, self.rope[:T], out=dqkv[:, :, :H])
+            positions.rope_backward(dk, self.rope[:T], out=dqkv[:, :, H:H + Hkv])
+        else:
+            dqkv[:, :, :H] = dq
+            dqkv[:, :, H:H + Hkv] = dk
+        dqkv[:, :, H + Hkv:] = dv
+        return self.c_attn.backward(dqkv.reshape(B, T, (H + 2 * Hkv) * D))  # (B, T, C)
+
+
+class MLP(Module):
+    """c_fc (C -> ffn_mult*C), GELU (tanh form, an llmcore op) or ReLU, c_proj back to C."""
+
+    def __init__(self, be, cfg, *, rng, dtype):
+        self.be, self.act = be, cfg.act
+        if cfg.act not in ("gelu", "relu"):
+            raise ValueError(f"act: expected 'gelu' or 'relu', got {cfg.act!r}")
+        hidden = cfg.ffn_mult * cfg.d_model
+        self.c_fc = Linear(be, cfg.d_model, hidden, rng=rng, dtype=dtype, bias=cfg.bias)
+        self.c_proj = Linear(be, hidden, cfg.d_model, rng=rng, dtype=dtype, bias=cfg.bias,
+                             std=0.02 / np.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x):
+        self.h = self.c_fc.forward(x)  # (B, T, 4C)
+        if self.act == "gelu":
+            a = self.be.ops.gelu(self.h)
+        else:
+            a = self.be.xp.maximum(self.h, 0)  # ReLU is one comparison: NumPy glue, not a kernel
+        return self.c_proj.forward(a)  # (B, T, C)
+
+    def backward(self, dy):
+        da = self.c_proj.backward(dy)  # (B, T, 4C), fresh: safe to modify in place
+        if self.act == "gelu":
+            dh = self.be.ops.gelu_backward(da, self.h)
+        else:
+            da[self.h <= 0] = 0
+            dh = da
+        return self.c_fc.backward(dh)
+
+
+class Block(Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, be, cfg, *, rng, dtype):
+        self.ln_1 = make_norm(cfg.norm, be, cfg.d_model, dtype=dtype)
+        self.attn = CausalSelfAttention(be, cfg, rng=rng, dtype=dtype)
+        self.ln_2 = make_norm(cfg.norm, be, cfg.d_model, dtype=dtype)
+        self.mlp = MLP(be, cfg, rng=rng, dtype=dtype)
+
+    def forward(self, x, cache=None, start=0):
+        x = x + self.attn.forward(self.ln_1.forward(x), cache, start)  # (B, T, C)
+        return x + self.mlp.forward(self.ln_2.forward(x))
+
+    def backward(self, dy):
+        # The residual stream passes dy through unchanged; each branch adds its own gradient.
+        d = self.ln_2.backward(self.mlp.backward(dy))
+        d += dy
+        dx = self.ln_1.backward(self.attn.backward(d))
+        dx += d
+        return dx

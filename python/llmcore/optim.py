@@ -1,0 +1,78 @@
+"""AdamW, the learning-rate schedule (linear warmup, cosine decay) and global-norm gradient clipping."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import nn
+
+
+class AdamW:
+    """torch.optim.AdamW semantics, one fused llmcore adamw_step per parameter.
+
+    Weight decay applies only to matrices (ndim >= 2: linear weights and embeddings); norm weights
+    and biases are not decayed, as in GPT-2/nanoGPT.
+    """
+
+    def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, backend=None):
+        self.params = dict(params)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        if backend is None:  # the compiled core for float32, the reference for float64
+            dtypes = {p.data.dtype for p in self.params.values()}
+            backend = "cpu" if dtypes <= {np.dtype(np.float32)} else "numpy"
+        self.be = nn.get_backend(backend)
+        self.m = {k: np.zeros_like(p.data) for k, p in self.params.items()}
+        self.v = {k: np.zeros_like(p.data) for k, p in self.params.items()}
+        self.step_count = 0
+
+    def step(self, lr=None):
+        """One update with every parameter's current .grad (lr overrides self.lr, for schedules)."""
+        self.step_count += 1
+        lr = self.lr if lr is None else lr
+        for name, p in self.params.items():
+            self.be.ops.adamw_step(p.data, p.grad, self.m[name], self.v[name], lr=lr, beta1=self.betas[0],
+                                   beta2=self.betas[1], eps=self.eps,
+                                   weight_decay=self.weight_decay if p.data.ndim >= 2 else 0.0,
+                                   step=self.step_count)
+
+    def state_arrays(self) -> dict:
+        """The moments as flat name -> array (for safetensors); the step count goes with the JSON."""
+        out = {f"m.{k}": a for k, a in self.m.items()}
+        out.update({f"v.{k}": a for k, a in self.v.items()})
+        return out
+
+    def load_state_arrays(self, arrays: dict, step_count: int):
+        for k in self.params:
+            for kind, store in (("m", self.m), ("v", self.v)):
+                key = f"{kind}.{k}"
+                if key not in arrays or arrays[key].shape != store[k].shape:
+                    raise ValueError(f"optimizer state: {key!r} is missing or has the wrong shape")
+                store[k][...] = arrays[key]
+        self.step_count = int(step_count)
+
+
+def lr_schedule(step: int, *, max_lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Learning rate for update number `step` (0-based): linear warmup over `warmup` steps, then a
+    cosine from max_lr down to min_lr at step `total`, and min_lr after it."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step >= total:
+        return min_lr
+    progress = (step - warmup) / max(1, total - warmup)  # 0 .. 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def clip_grad_norm(params: dict, max_norm: float) -> float:
+    """Scales every gradient by min(1, max_norm / global_norm); returns the norm before clipping
+    (inf or NaN when a gradient is not finite, which the training loop treats as a failure)."""
+    total = 0.0
+    for p in params.values():
+        g = p.grad.reshape(-1)
+        total += float(np.dot(g, g))  # one BLAS dot per parameter, no temporary g*g array
+    norm = math.sqrt(total)
+    if max_norm is not None and max_norm > 0 and norm > max_norm and math.isfinite(norm):
+        scale = max_norm / (norm + 1e-6)
+        for p in params.values():
+            p.grad *= scale
+    return norm

@@ -1,0 +1,235 @@
+"""Training pieces: AdamW, the schedule, clipping, data splits and batches, checkpoints, the loop."""
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+
+import llmcore
+from helpers import rel_err
+from llmcore import checkpoint as ckpt
+from llmcore import data
+from llmcore.model import GPT
+from llmcore.nn import Parameter
+from llmcore.optim import AdamW, clip_grad_norm, lr_schedule
+from llmcore.train import PRESETS, resolve_settings, train
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and one thread is immune to the stalls two OpenMP
+    threads suffer when another process holds a core of a 2-core machine."""
+    before = llmcore.get_num_threads()
+    llmcore.set_num_threads(1)
+    yield
+    llmcore.set_num_threads(before)
+
+
+def test_adamw_decays_only_matrices_and_matches_torch_formula(rng):
+    w = Parameter(rng.standard_normal((3, 4)).astype(np.float32))
+    b = Parameter(rng.standard_normal(4).astype(np.float32))
+    w0, b0 = w.data.copy(), b.data.copy()
+    opt = AdamW({"w": w, "b": b}, lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.5)
+    assert opt.be.name == "cpu"
+    gw, gb = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 4))
+    mw, vw, mb, vb = 0, 0, 0, 0
+    for t in (1, 2):
+        w.grad[...], b.grad[...] = gw[t - 1], gb[t - 1]
+        opt.step()
+        # torch.optim.AdamW by hand, in float64
+        w0 = w0 * (1 - 0.1 * 0.5)  # decoupled decay: matrices only
+        mw, vw = 0.9 * mw + 0.1 * gw[t - 1], 0.99 * vw + 0.01 * gw[t - 1] ** 2
+        w0 = w0 - 0.1 * (mw / (1 - 0.9 ** t)) / (np.sqrt(vw / (1 - 0.99 ** t)) + 1e-8)
+        mb, vb = 0.9 * mb + 0.1 * gb[t - 1], 0.99 * vb + 0.01 * gb[t - 1] ** 2
+        b0 = b0 - 0.1 * (mb / (1 - 0.9 ** t)) / (np.sqrt(vb / (1 - 0.99 ** t)) + 1e-8)
+    assert rel_err(w.data, w0) < 1e-5 and rel_err(b.data, b0) < 1e-5
+    assert opt.step_count == 2
+    # state round trip
+    arrays = {k: v.copy() for k, v in opt.state_arrays().items()}
+    other = AdamW({"w": Parameter(w.data.copy()), "b": Parameter(b.data.copy())})
+    other.load_state_arrays(arrays, opt.step_count)
+    assert other.step_count == 2 and np.array_equal(other.m["w"], opt.m["w"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    kw = dict(max_lr=1.0, min_lr=0.1, warmup=10, total=110)
+    lrs = [lr_schedule(s, **kw) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # monotone cosine decay
+    assert lrs[60] == pytest.approx(0.55)  # halfway: the mean of max and min
+    assert lrs[110] == lrs[119] == 0.1
+
+
+def test_clip_grad_norm(rng):
+    params = {k: Parameter(np.zeros(s, np.float32)) for k, s in (("a", (3, 4)), ("b", (5,)))}
+    for p in params.values():
+        p.grad[...] = rng.standard_normal(p.grad.shape)
+    norm = math.sqrt(sum(float((p.grad.astype(np.float64) ** 2).sum()) for p in params.values()))
+    assert clip_grad_norm(params, 100.0) == pytest.approx(norm, rel=1e-6)  # under the limit: unchanged
+    assert clip_grad_norm(params, 0.5) == pytest.approx(norm, rel=1e-6)
+    after = math.sqrt(sum(float((p.grad.astype(np.float64) ** 2).sum()) for p in params.values()))
+    assert after == pytest.approx(0.5, rel=1e-4)
+    params["a"].grad[0, 0] = np.nan
+    assert not math.isfinite(clip_grad_norm(params, 1.0))
+
+
+def test_bundled_corpus_split_is_fixed():
+    docs = data.load_documents()
+    assert len(docs) == 42 and docs[0][0] == "alls_well_that_ends_well"
+    train_text, val_text = data.split_documents(docs)
+    total = sum(len(t) for _, t in docs)
+    assert len(train_text) + len(val_text) == total
+    assert 0.095 < len(val_text) / total < 0.105
+    for name, text in docs:  # each work: the last ~10%, starting at a line
+        a, b = data.split_text(text)
+        assert a + b == text and a.endswith("\n") and 0.08 < len(b) / len(text) < 0.11, name
+    assert "Exeunt" in val_text and len(set(train_text)) == 84
+
+
+def test_user_data_file_and_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n" * 50)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("second, ünïcode\n" * 50)
+    (tmp_path / ".hidden").write_text("skip me")
+    docs = data.load_documents(tmp_path)
+    assert [n for n, _ in docs] == ["a.txt", "sub/b.md"]
+    assert data.load_documents(tmp_path / "a.txt")[0][1] == "first line\n" * 50
+    (tmp_path / "bad.bin").write_bytes(b"\xff\xfe\x00 not utf-8")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        data.load_documents(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        data.load_documents(tmp_path / "missing.txt")
+
+
+def test_batches(rng):
+    tokens = np.arange(1000, dtype=np.int32)
+    x, y = data.get_batch(tokens, 4, 16, rng)
+    assert x.shape == y.shape == (4, 16) and x.dtype == np.int64
+    assert (y == x + 1).all()  # targets are the next tokens
+    windows = list(data.eval_batches(tokens, 4, 16, max_batches=3))
+    again = list(data.eval_batches(tokens, 4, 16, max_batches=3))
+    assert len(windows) == 3 and all((a[0] == b[0]).all() for a, b in zip(windows, again))
+    starts = np.concatenate([w[0][:, 0] for w in windows])
+    assert starts[0] == 0 and starts[-1] > 900 and (np.diff(starts) > 0).all()  # spread over the split
+
+
+def small_arrays(rng):
+    return {"w": rng.standard_normal((4, 3)).astype(np.float32)}, {"m.w": np.zeros((4, 3), np.float32)}
+
+
+def test_checkpoint_round_trip_and_atomic_swap(tmp_path, rng):
+    model_arrays, opt_arrays = small_arrays(rng)
+    ckpt.save(tmp_path, model_arrays, opt_arrays, {"step": 1})
+    model_arrays["w"] += 1
+    folder = ckpt.save(tmp_path, model_arrays, opt_arrays, {"step": 2})
+    assert folder == tmp_path / "checkpoint" and not (tmp_path / "checkpoint.old").exists()
+    meta, m, o = ckpt.load(tmp_path)
+    assert meta["step"] == 2 and np.array_equal(m["w"], model_arrays["w"])
+    # killed between the two renames: only checkpoint.old is there, and it is found
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    assert ckpt.load(tmp_path)[0]["step"] == 2
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+        ckpt.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "json"])
+def test_corrupted_checkpoint_is_refused(tmp_path, rng, damage):
+    ckpt.save(tmp_path, *small_arrays(rng), {"step": 3})
+    folder = tmp_path / "checkpoint"
+    if damage == "flip":
+        raw = bytearray((folder / "model.safetensors").read_bytes())
+        raw[-3] ^= 0x40
+        (folder / "model.safetensors").write_bytes(bytes(raw))
+        match = "corrupted"
+    elif damage == "truncate":
+        raw = (folder / "optimizer.safetensors").read_bytes()
+        (folder / "optimizer.safetensors").write_bytes(raw[: len(raw) // 2])
+        match = "truncated"
+    else:
+        text = (folder / "checkpoint.json").read_text()
+        (folder / "checkpoint.json").write_text(text[: len(text) // 2])
+        match = "corrupted or truncated"
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        ckpt.load(tmp_path)
+
+
+def test_presets_resolve():
+    s = resolve_settings("cpu", {"steps": 7, "seq_len": 64, "lr": None})
+    assert s["steps"] == 7 and s["model"]["seq_len"] == 64 and s["lr"] == PRESETS["cpu"]["lr"]
+    assert s["tokenizer"] == "char" and s["device"] == "cpu"
+    with pytest.raises(ValueError, match="preset"):
+        resolve_settings("huge", {})
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "shall", "not", "be", "my", "lord", "and", "of", "love"]
+    lines = [" ".join(rng.choice(words, 8)) + "." for _ in range(600)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_training_lowers_validation_loss_and_writes_outputs(tmp_path, text_file):
+    out = tmp_path / "run"
+    code = train("tiny", out, data=str(text_file), steps=60, eval_interval=30, log=lambda *a: None)
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(vals) == 2 and len(losses) == 6
+    assert losses[-1] < losses[0] - 0.5 and vals[-1] < math.log(len(set(text_file.read_text())))
+    meta, arrays, _ = ckpt.load(out)
+    assert meta["step"] == 60 and meta["optimizer_step"] == 60 and meta["tokenizer"]["kind"] == "char"
+    assert "h.0.attn.c_attn.weight" in arrays and "wte.weight" in arrays  # GPT-2-style names
+    if HAVE_MATPLOTLIB:  # an optional extra ([plot]); without it the curve is skipped
+        assert (out / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_non_finite_values_stop_and_keep_the_last_checkpoint(tmp_path, text_file, monkeypatch, where):
+    import llmcore.train
+
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real_forward, real_clip = GPT.forward, llmcore.train.clip_grad_norm
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        calls["n"] += 1  # training batches only: no evaluation runs before step 40
+        return logits, (float("nan") if where == "loss" and calls["n"] == 26 else loss)
+
+    def clip(params, max_norm):
+        norm = real_clip(params, max_norm)
+        return float("inf") if where == "gradient" and calls["n"] == 26 else norm
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    monkeypatch.setattr(llmcore.train, "clip_grad_norm", clip)
+    messages = []
+    code = train("tiny", out, data=str(text_file), steps=40, eval_interval=1000, ckpt_interval=10,
+                 log=messages.append)
+    assert code == 1
+    want = "loss is nan" if where == "loss" else "gradient norm is inf"
+    assert any(want in m and "at step 26" in m and "last good checkpoint" in m for m in messages), messages
+    meta, arrays, _ = ckpt.load(out)
+    assert meta["step"] == 20  # the checkpoint before the bad step is intact
+    assert all(np.isfinite(a).all() for a in arrays.values())
+
+
+def test_loss_curve_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from llmcore.train import plot_losses
+
+    rows = [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.5, "val_loss": 2.6}]
+    if HAVE_MATPLOTLIB:
+        assert "loss curve" in plot_losses(rows, tmp_path / "a.png") and (tmp_path / "a.png").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    message = plot_losses(rows, tmp_path / "b.png")
+    assert "matplotlib is not installed" in message and "\n" not in message
+    assert not (tmp_path / "b.png").exists()
