@@ -449,6 +449,10 @@ void adamw_step(py::array& param, const py::array& grad, py::array& m, py::array
 const float* strided_bshd(const py::array& a, const char* name, int64_t strides[3]) {
     require_dtype(a, name, py::dtype::of<float>(), "float32");
     require_ndim(a, name, 4, 4);
+    if (a.size() == 0) {  // NumPy gives empty arrays arbitrary strides; nothing will be read
+        for (int i = 0; i < 3; ++i) strides[i] = 0;
+        return static_cast<const float*>(a.data());
+    }
     if (a.shape(3) > 1 && a.strides(3) != (py::ssize_t)sizeof(float))
         fail(std::string(name) + ": the last (head dimension) axis must be contiguous");
     for (int i = 0; i < 3; ++i) {

@@ -5,6 +5,7 @@ llmcore.reference name for name. Non-contiguous inputs are copied; arrays update
 (adamw_step) must be C-contiguous.
 """
 from .adamw import adamw_step
+from .attention import attention, attention_backward
 from .cross_entropy import cross_entropy, cross_entropy_backward
 from .embedding import embedding, embedding_backward
 from .gelu import gelu, gelu_backward
@@ -12,8 +13,3 @@ from .layernorm import layernorm, layernorm_backward
 from .matmul import linear, linear_backward, matmul
 from .rmsnorm import rmsnorm, rmsnorm_backward
 from .softmax import softmax, softmax_backward
-
-try:  # written alongside the attention kernel (issue 3)
-    from .attention import attention, attention_backward
-except ImportError:  # pragma: no cover
-    pass

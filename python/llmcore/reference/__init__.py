@@ -4,6 +4,7 @@ Same names and arguments as llmcore.ops; when a kernel and the reference disagre
 decides. Each reference backward is checked against central finite differences in the tests.
 """
 from .adamw import adamw_step
+from .attention import attention, attention_backward
 from .cross_entropy import cross_entropy, cross_entropy_backward
 from .embedding import embedding, embedding_backward
 from .gelu import gelu, gelu_backward
@@ -11,8 +12,3 @@ from .layernorm import layernorm, layernorm_backward
 from .matmul import linear, linear_backward, matmul
 from .rmsnorm import rmsnorm, rmsnorm_backward
 from .softmax import softmax, softmax_backward
-
-try:  # written alongside the attention kernel (issue 3)
-    from .attention import attention, attention_backward
-except ImportError:  # pragma: no cover
-    pass

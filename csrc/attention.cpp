@@ -1,0 +1,680 @@
+// attention: fused scaled-dot-product attention on the CPU, forward and backward, causal or not,
+// MHA/GQA/MQA, ALiBi, q/k/v read through their strides (FlashAttention-2's algorithm in CPU tiles).
+//
+// Nothing of size T x S is ever stored: keys are visited in blocks of BK, the softmax is computed
+// online (a running max m and sum l per query row) and the backward recomputes each tile's
+// probabilities from the saved lse = m + log(l).
+//
+// Every matrix product is one routine, tile_gemm: C (rows x lanes) (+)= A (rows x kdim) B (kdim x
+// lanes), B and C row-major with `lanes` (a multiple of the vector width) contiguous floats per
+// row, A read one broadcast scalar at a time through arbitrary strides. So A needs no packing: K,
+// V, q and dout are read in place, and the only transposes happen once per task, never per tile.
+//
+// Forward, one task per (batch, head, block of BQ queries), queries along the vector lanes:
+//   Qt (D x W)  = the query block, transposed                       once per task
+//   for each key block the block can see (blocks past the causal diagonal are skipped):
+//     St (nk x W) = K Qt                                             K read in place
+//     St = St scale - slope |pos_i - j|, -inf where j > pos_i; new column max m
+//     Pt = exp(St - m), l = l alpha + colsum(Pt), alpha = exp(m_old - m)
+//     Ot (D x W)  = Ot alpha + V^T Pt                                V read in place
+//   out = Ot^T / l, lse = m + log l
+// With fewer than VEC/2 queries per head (decoding) those tiles would leave most lanes empty, so
+// each query row then runs alone, vectorised along D.
+//
+// Backward, with Delta_i = rowsum(dout * out) and dS = P (dP - Delta) scale:
+//   kv pass, one task per (batch, kv head, key block), keys along the lanes. The task loops over
+//   the G query heads of its group and over every query block that sees its keys:
+//     S (nq x kl) = Q Kt,  P = exp(S scale + bias - lse),  dP = dO Vt,  dS
+//     dVt (D x kl) += dO^T P,  dKt (D x kl) += Q^T dS
+//   so the GQA/MQA reduction over the group happens inside the tile, and each dk/dv row has one
+//   owner (no races, no per-query-head buffers, no expanded K/V).
+//   dq: dQ (nq x D) += dS K needs every key block of a query row. When there are enough (batch,
+//   kv head) pairs to keep the threads busy, one task owns a whole pair and adds it into dq inside
+//   the kv pass; otherwise a second pass, one task per (batch, head, query block) with queries
+//   along the lanes, recomputes S and dP (7 tile products per tile pair instead of 5) to expose
+//   more parallelism. Either way every sum has a fixed order: deterministic for a thread count.
+#include <algorithm>
+
+#include "aligned_buffer.h"
+#include "common.h"
+#include "kernels.h"
+
+namespace llmcore {
+namespace LLMCORE_ISA {
+namespace {
+
+constexpr int VEC = LLMCORE_VEC;
+// Queries per block and keys per block. A 64 x 64 score tile is 16 KiB and the Q/O tiles
+// 16-32 KiB at D = 64-128: the working set of one tile pair stays in L2, and the per-block
+// costs (rescaling O, loading/storing the C tiles) are 1/64 of the products. Measured on one
+// AVX-512 core at B=4, H=8, D=64, causal, alternating builds: keys in blocks of 128 leave the
+// forward unchanged (within 1%) and slow the backward by 10% at T=512 (4% at T=2048); query
+// blocks of 32 slow the forward by 20% at T=2048.
+constexpr int64_t BQ = 64;
+constexpr int64_t BK = 64;
+// Register tile of tile_gemm: MR rows x NV vectors of accumulators. AVX-512 has 32 registers:
+// 4 x 4 = 16 accumulators + 4 B vectors; AVX2/SSE have 16: 4 x 2 = 8 accumulators + 2 B vectors
+// (8 independent FMA chains cover the 4-cycle FMA latency on two ports). Measured at T=512:
+// MR = 6 is 30% slower with AVX-512 (10.0 vs 7.0 ms forward on one core) and 40% slower with
+// AVX2; MR = 5 with AVX2 is no faster.
+constexpr int MR = 4;
+constexpr int NV = VEC == 16 ? 4 : 2;
+
+typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
+
+inline vfloat load(const float* p) {
+    vfloat v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// One thread's scratch (tiles of a task), reused across calls.
+thread_local AlignedBuffer tls_scratch;
+
+// ---------------------------------------------------------------------------------------------
+// tile_gemm
+
+// R rows x NVr vectors of C: C[r][l] = (accumulate ? C[r][l] (* cscale[l]) : 0)
+//                                       + sum over kk of A[r*ars + kk*aks] * B[kk*ldb + l].
+template <int R, int NVr>
+inline void micro_tile(float* __restrict c, int64_t ldc, const float* __restrict a, int64_t ars,
+                       int64_t aks, const float* __restrict b, int64_t ldb, int64_t kdim,
+                       bool accumulate, const float* cscale) {
+    vfloat acc[R][NVr];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NVr; ++v) {
+            acc[r][v] = accumulate ? load(c + r * ldc + v * VEC) : vfloat{};
+            if (accumulate && cscale) acc[r][v] *= load(cscale + v * VEC);
+        }
+    for (int64_t kk = 0; kk < kdim; ++kk) {
+        const float* bk = b + kk * ldb;
+        const float* ak = a + kk * aks;
+        vfloat bv[NVr];
+#pragma GCC unroll 4
+        for (int v = 0; v < NVr; ++v) bv[v] = load(bk + v * VEC);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const float s = ak[r * ars];
+#pragma GCC unroll 4
+            for (int v = 0; v < NVr; ++v) acc[r][v] += s * bv[v];
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NVr; ++v) store(c + r * ldc + v * VEC, acc[r][v]);
+}
+
+template <int R>
+inline void micro_tile_nv(int nv, float* c, int64_t ldc, const float* a, int64_t ars, int64_t aks,
+                          const float* b, int64_t ldb, int64_t kdim, bool accumulate,
+                          const float* cscale) {
+    if constexpr (NV == 4) {
+        if (nv == 4) return micro_tile<R, 4>(c, ldc, a, ars, aks, b, ldb, kdim, accumulate, cscale);
+        if (nv == 3) return micro_tile<R, 3>(c, ldc, a, ars, aks, b, ldb, kdim, accumulate, cscale);
+    }
+    if (nv == 2) return micro_tile<R, 2>(c, ldc, a, ars, aks, b, ldb, kdim, accumulate, cscale);
+    micro_tile<R, 1>(c, ldc, a, ars, aks, b, ldb, kdim, accumulate, cscale);
+}
+
+// C (rows x lanes, row stride ldc) = or += A (rows x kdim; element (r, kk) at a[r*ars + kk*aks])
+// times B (kdim x lanes, row stride ldb). lanes must be a multiple of VEC; rows and kdim are free.
+// When accumulating, cscale (lanes,) if given first scales every row of C lane by lane (the online
+// softmax's rescaling of O, done here instead of in a pass of its own).
+// Lane groups outermost, so one group's B panel (kdim x NV*VEC) stays in L1 while all rows of
+// A stream past it.
+void tile_gemm(float* c, int64_t ldc, const float* a, int64_t ars, int64_t aks, const float* b,
+               int64_t ldb, int64_t rows, int64_t kdim, int64_t lanes, bool accumulate,
+               const float* cscale = nullptr) {
+    for (int64_t l0 = 0; l0 < lanes; l0 += NV * VEC) {
+        const int nv = (int)std::min<int64_t>(NV, (lanes - l0) / VEC);
+        const float* cs = cscale ? cscale + l0 : nullptr;
+        int64_t r = 0;
+        for (; r + MR <= rows; r += MR)
+            micro_tile_nv<MR>(nv, c + r * ldc + l0, ldc, a + r * ars, ars, aks, b + l0, ldb, kdim,
+                              accumulate, cs);
+        for (; r < rows; ++r)
+            micro_tile_nv<1>(nv, c + r * ldc + l0, ldc, a + r * ars, ars, aks, b + l0, ldb, kdim,
+                             accumulate, cs);
+    }
+}
+
+// 8 x 8 transposes in registers. Scalar copies cost 10% of the forward and 13% of the backward
+// at T = 512 (perf); these blocks take them down to ~3%.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// (Vectors move through memcpy inside these loops, never as function arguments or results: the
+// generic build has no 32-byte registers, and GCC warns about such an ABI.)
+
+// Rows r[0..7] become columns. Stage s swaps bit s of the row index with bit s of the column
+// index between rows x and x + 2^s (unpck, shuf and perm2f128 on AVX).
+inline void transpose8(v8f r[8]) {
+    const v8i lo[3] = {{0, 8, 2, 10, 4, 12, 6, 14}, {0, 1, 8, 9, 4, 5, 12, 13}, {0, 1, 2, 3, 8, 9, 10, 11}};
+    const v8i hi[3] = {{1, 9, 3, 11, 5, 13, 7, 15}, {2, 3, 10, 11, 6, 7, 14, 15}, {4, 5, 6, 7, 12, 13, 14, 15}};
+#pragma GCC unroll 3
+    for (int st = 0; st < 3; ++st) {
+        const int step = 1 << st;
+#pragma GCC unroll 8
+        for (int x = 0; x < 8; ++x) {
+            if (x & step) continue;
+            const v8f a = r[x], b = r[x + step];
+            r[x] = __builtin_shuffle(a, b, lo[st]);
+            r[x + step] = __builtin_shuffle(a, b, hi[st]);
+        }
+    }
+}
+
+// dst (D x lanes) = the transpose of n rows of D floats (row i at src + i*stride); lanes past n
+// are zero, so the products on them stay finite and are simply never written out.
+void transpose_in(float* dst, int64_t lanes, const float* src, int64_t stride, int64_t n,
+                  int64_t D) {
+    const int64_t n8 = n / 8 * 8, D8 = D / 8 * 8;
+    for (int64_t i = 0; i < n8; i += 8) {
+        for (int64_t d = 0; d < D8; d += 8) {
+            v8f r[8];
+            for (int u = 0; u < 8; ++u) std::memcpy(&r[u], src + (i + u) * stride + d, sizeof(v8f));
+            transpose8(r);
+            for (int u = 0; u < 8; ++u) std::memcpy(dst + (d + u) * lanes + i, &r[u], sizeof(v8f));
+        }
+        for (int64_t d = D8; d < D; ++d)
+            for (int u = 0; u < 8; ++u) dst[d * lanes + i + u] = src[(i + u) * stride + d];
+    }
+    for (int64_t i = n8; i < n; ++i)
+        for (int64_t d = 0; d < D; ++d) dst[d * lanes + i] = src[i * stride + d];
+    if (n < lanes)
+        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * lanes + n, dst + (d + 1) * lanes, 0.0f);
+}
+
+// n rows of D floats (row i at dst + i*stride) = the transpose of src (D x lanes), row i times
+// factor[i] (or 1).
+void transpose_out(float* dst, int64_t stride, const float* src, int64_t lanes, int64_t n,
+                   int64_t D, const float* factor) {
+    const int64_t n8 = n / 8 * 8, D8 = D / 8 * 8;
+    for (int64_t i = 0; i < n8; i += 8) {
+        for (int64_t d = 0; d < D8; d += 8) {
+            v8f r[8];
+            for (int u = 0; u < 8; ++u) std::memcpy(&r[u], src + (d + u) * lanes + i, sizeof(v8f));
+            transpose8(r);
+            for (int u = 0; u < 8; ++u) {
+                const v8f x = factor ? r[u] * factor[i + u] : r[u];
+                std::memcpy(dst + (i + u) * stride + d, &x, sizeof x);
+            }
+        }
+        for (int64_t d = D8; d < D; ++d)
+            for (int u = 0; u < 8; ++u)
+                dst[(i + u) * stride + d] = src[d * lanes + i + u] * (factor ? factor[i + u] : 1.0f);
+    }
+    for (int64_t i = n8; i < n; ++i)
+        for (int64_t d = 0; d < D; ++d)
+            dst[i * stride + d] = src[d * lanes + i] * (factor ? factor[i] : 1.0f);
+}
+
+// Everything a task needs to find its rows.
+struct Problem {
+    const AttentionShape& s;
+    const float *q, *k, *v;
+    bool causal;
+    float scale;
+    const float* alibi;  // (H,) or null
+    int64_t G;           // query heads per kv head
+    int64_t off;         // key position of query 0: S - T
+
+    const float* q_row(int64_t b, int64_t i, int64_t h) const {
+        return q + b * s.q_strides[0] + i * s.q_strides[1] + h * s.q_strides[2];
+    }
+    const float* k_row(int64_t b, int64_t j, int64_t hk) const {
+        return k + b * s.k_strides[0] + j * s.k_strides[1] + hk * s.k_strides[2];
+    }
+    const float* v_row(int64_t b, int64_t j, int64_t hk) const {
+        return v + b * s.v_strides[0] + j * s.v_strides[1] + hk * s.v_strides[2];
+    }
+    float slope(int64_t h) const { return alibi ? alibi[h] : 0.0f; }
+    // Keys [0, key_end) are visible to at least one query of rows [i0, i0 + n).
+    int64_t key_end(int64_t i0, int64_t n) const {
+        return causal ? std::min(s.S, off + i0 + n) : s.S;
+    }
+};
+
+// The scaled, ALiBi-biased score of one query/key pair (rel = pos_i - j), written once and used
+// by the forward and both backward passes. Their tile products add the same terms in the same
+// order (d = 0, 1, ...), so with this the backward's exp(score - lse) sees bitwise the forward's
+// score: with logits in the hundreds a rounding difference of one ulp in the score would
+// otherwise show as a 1e-5..1e-4 relative error in P (measured 3.7e-5 on dv at scale 20 when the
+// forward pre-scaled Q and the backward scaled the products).
+inline float biased_score(float qk, float scale, float slope, float rel) {
+    return qk * scale - slope * std::fabs(rel);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+
+// One block of queries of one head: the tiled online softmax described at the top.
+void forward_block(float* out, float* lse, const Problem& P, int64_t b, int64_t h, int64_t i0,
+                   float* scratch) {
+    const AttentionShape& s = P.s;
+    const int64_t D = s.D, nq = std::min(BQ, s.T - i0), W = round_up(nq, VEC);
+    const int64_t hk = h / P.G, p0 = P.off + i0;  // p0: key position of the block's first query
+    const float slope = P.slope(h);
+    float* qt = scratch;      // (D, W)  Q^T
+    float* ot = qt + D * BQ;  // (D, W)  O^T, unnormalised
+    float* st = ot + D * BQ;  // (BK, W) scores, then probabilities
+    // m: running max; mu: the reference the exponentials use, m except while a row has seen only
+    // -inf (then 0, so that exp(-inf - mu) = 0, not NaN); l: running sum of exp(score - mu).
+    alignas(64) float m[BQ], mu[BQ], l[BQ], alpha[BQ], mx[BQ], lsum[BQ];
+
+    transpose_in(qt, W, P.q_row(b, i0, h), s.q_strides[1], nq, D);
+    std::fill(m, m + W, -INFINITY);
+    std::fill(mu, mu + W, 0.0f);
+    std::fill(l, l + W, 0.0f);
+
+    const int64_t kend = P.key_end(i0, nq);
+    if (kend <= 0) std::fill(ot, ot + D * W, 0.0f);  // no key at all (causal S < T, unchecked)
+    for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+        const int64_t nk = std::min(BK, kend - j0);
+        // St (nk x W) = K Qt
+        tile_gemm(st, W, P.k_row(b, j0, hk), s.k_strides[1], 1, qt, W, nk, D, W, false);
+
+        // Scale, ALiBi and the causal mask (only on tiles that cross the diagonal), fused with
+        // the column max. A NaN score never wins the max but comes back through exp(NaN - mu).
+        std::copy(m, m + W, mx);
+        const bool mask = P.causal && j0 + nk - 1 > p0;
+        for (int64_t j = 0; j < nk; ++j) {
+            float* row = st + j * W;
+            const float rel0 = (float)(p0 - (j0 + j));  // pos - key at lane 0 (exact below 2^24)
+#pragma omp simd
+            for (int64_t i = 0; i < W; ++i) {
+                const float rel = rel0 + (float)i;
+                float x = biased_score(row[i], P.scale, slope, rel);
+                x = (mask && rel < 0.0f) ? -INFINITY : x;
+                row[i] = x;
+                mx[i] = x > mx[i] ? x : mx[i];
+            }
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < W; ++i) {
+            const float mnew = mx[i] == -INFINITY ? 0.0f : mx[i];
+            alpha[i] = fast_exp(m[i] - mnew);  // 0 while the row had nothing (m = -inf)
+            mu[i] = mnew;
+            m[i] = mx[i];
+            lsum[i] = 0.0f;
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+            float* row = st + j * W;
+#pragma omp simd
+            for (int64_t i = 0; i < W; ++i) {
+                const float p = fast_exp(row[i] - mu[i]);
+                row[i] = p;
+                lsum[i] += p;
+            }
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < W; ++i) l[i] = l[i] * alpha[i] + lsum[i];
+        // Ot (D x W) = Ot alpha + V^T Pt; the first block starts from zero.
+        tile_gemm(ot, W, P.v_row(b, j0, hk), 1, s.v_strides[1], st, W, D, nk, W, j0 > 0, alpha);
+    }
+
+    float inv[BQ];
+    for (int64_t i = 0; i < nq; ++i) {
+        inv[i] = 1.0f / l[i];
+        lse[(b * s.H + h) * s.T + i0 + i] = mu[i] + std::log(l[i]);
+    }
+    transpose_out(out + ((b * s.T + i0) * s.H + h) * D, s.H * D, ot, W, nq, D, inv);
+}
+
+// Decoding (T < VEC/2): a query-lane tile would be mostly empty lanes, so each query row runs
+// alone, vectorised along D. One task takes the T rows of several query heads that share a kv
+// head and walks the keys block by block, every row of the task consuming a K/V block while it
+// sits in L2: K and V stream from memory once per task instead of once per query head (GQA
+// decoding at B=1, H=32, Hkv=8, S=2048, D=128: 0.8 ms with one row per task, measured).
+
+// The online-softmax state of one query row.
+struct RowState {
+    float m, mu, l;  // running max, the exponentials' reference (see forward_block), sum
+    float* o;        // (D,) unnormalised output
+};
+
+// Adds keys [j0, j0 + nk) (all visible) to one query row: scores four keys at a time (four
+// independent dot-product chains), then the same online softmax as forward_block.
+void row_update(RowState& r, const float* qr, const float* kb, int64_t ks, const float* vb,
+                int64_t vs, int64_t D, int64_t nk, float scale, float slope, float rel0) {
+    alignas(64) float sc[BK];
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        const float *k0 = kb + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t d = 0; d < D; ++d) {
+            a0 += qr[d] * k0[d];
+            a1 += qr[d] * k1[d];
+            a2 += qr[d] * k2[d];
+            a3 += qr[d] * k3[d];
+        }
+        sc[j] = a0, sc[j + 1] = a1, sc[j + 2] = a2, sc[j + 3] = a3;
+    }
+    for (; j < nk; ++j) {
+        const float* kr = kb + j * ks;
+        float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+        for (int64_t d = 0; d < D; ++d) a += qr[d] * kr[d];
+        sc[j] = a;
+    }
+    float mx = r.m;
+#pragma omp simd reduction(max : mx)
+    for (int64_t jj = 0; jj < nk; ++jj) {
+        const float x = biased_score(sc[jj], scale, slope, rel0 - (float)jj);
+        sc[jj] = x;
+        mx = x > mx ? x : mx;
+    }
+    const float mnew = mx == -INFINITY ? 0.0f : mx;
+    const float alpha = fast_exp(r.m - mnew);
+    r.m = mx;
+    r.mu = mnew;
+    float lsum = 0.0f;
+#pragma omp simd reduction(+ : lsum)
+    for (int64_t jj = 0; jj < nk; ++jj) {
+        const float p = fast_exp(sc[jj] - mnew);
+        sc[jj] = p;
+        lsum += p;
+    }
+    r.l = r.l * alpha + lsum;
+    float* o = r.o;
+    if (alpha != 1.0f) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
+    }
+    for (int64_t jj = 0; jj < nk; ++jj) {
+        const float p = sc[jj];
+        const float* vr = vb + jj * vs;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+    }
+}
+
+// All T query rows of heads [h0, h1), which share kv head hk. scratch: (h1 - h0) * T * D floats.
+void forward_rows(float* out, float* lse, const Problem& P, int64_t b, int64_t hk, int64_t h0,
+                  int64_t h1, float* scratch) {
+    const AttentionShape& s = P.s;
+    const int64_t D = s.D, T = s.T, R = (h1 - h0) * T;  // row r: head h0 + r / T, query r % T
+    RowState rows[LLMCORE_VEC / 2 * 64];               // R <= G * T < 64 * VEC/2 (G <= 64 below)
+    for (int64_t r = 0; r < R; ++r) {
+        rows[r] = RowState{-INFINITY, 0.0f, 0.0f, scratch + r * D};
+        std::fill(rows[r].o, rows[r].o + D, 0.0f);
+    }
+    const int64_t kend = P.key_end(0, T);
+    for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+        const float* kb = P.k_row(b, j0, hk);
+        const float* vb = P.v_row(b, j0, hk);
+        for (int64_t r = 0; r < R; ++r) {
+            const int64_t h = h0 + r / T, i = r % T;
+            // Each row stops at its own causal diagonal: no mask needed.
+            const int64_t nk = std::min(BK, P.key_end(i, 1) - j0);
+            if (nk > 0)
+                row_update(rows[r], P.q_row(b, i, h), kb, s.k_strides[1], vb, s.v_strides[1], D, nk,
+                           P.scale, P.slope(h), (float)(P.off + i - j0));
+        }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t h = h0 + r / T, i = r % T;
+        const float inv = 1.0f / rows[r].l;
+        float* orow = out + ((b * T + i) * s.H + h) * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = rows[r].o[d] * inv;
+        lse[(b * s.H + h) * T + i] = rows[r].mu + std::log(rows[r].l);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+
+struct Grads {
+    float *dq, *dk, *dv;
+    const float *dout, *lse, *delta;  // delta: (B, H, T), rowsum(dout * out)
+};
+
+// dK and dV of keys [j0, j0 + nk) of kv head hk (all G query heads, every query block that sees
+// them), written to dk/dv; with_dq also adds dS K into dq (the caller owns those dq rows).
+void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j0, bool with_dq,
+              float* scratch) {
+    const AttentionShape& s = P.s;
+    const int64_t D = s.D, T = s.T, H = s.H, nk = std::min(BK, s.S - j0), kl = round_up(nk, VEC);
+    const int64_t qs = s.q_strides[1], ks = s.k_strides[1], HD = H * D;
+    const float scale = P.scale;
+    // Through dq and k in place when whole rows are vectors; otherwise via zero-padded copies.
+    const bool dq_direct = D % VEC == 0;
+    const int64_t Dp = round_up(D, VEC);
+    float* kt = scratch;           // (D, kl)  K^T of the block, zero lanes past nk
+    float* vt = kt + D * BK;       // (D, kl)  V^T
+    float* dkt = vt + D * BK;      // (D, kl)  dK^T accumulator
+    float* dvt = dkt + D * BK;     // (D, kl)  dV^T accumulator
+    float* pb = dvt + D * BK;      // (BQ, kl) P
+    float* dsb = pb + BQ * BK;     // (BQ, kl) dP, then dS
+    float* kpad = dsb + BQ * BK;   // (BK, Dp) K rows, zero-padded (odd D only)
+    float* dqpad = kpad + BK * Dp; // (BQ, Dp) dq rows, zero-padded (odd D only)
+
+    const float* kb = P.k_row(b, j0, hk);
+    transpose_in(kt, kl, kb, ks, nk, D);
+    transpose_in(vt, kl, P.v_row(b, j0, hk), s.v_strides[1], nk, D);
+    std::fill(dkt, dkt + D * kl, 0.0f);
+    std::fill(dvt, dvt + D * kl, 0.0f);
+    if (with_dq && !dq_direct) {
+        std::fill(kpad, kpad + nk * Dp, 0.0f);
+        for (int64_t j = 0; j < nk; ++j) std::copy(kb + j * ks, kb + j * ks + D, kpad + j * Dp);
+    }
+
+    // The first query that sees key j0 is j0 - off; earlier query blocks are skipped.
+    const int64_t i_first = P.causal ? std::max<int64_t>(0, j0 - P.off) : 0;
+    for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
+        const float slope = P.slope(h);
+        for (int64_t i0 = i_first / BQ * BQ; i0 < T; i0 += BQ) {
+            const int64_t nq = std::min(BQ, T - i0), p0 = P.off + i0;
+            const float* qp = P.q_row(b, i0, h);
+            const float* dop = g.dout + ((b * T + i0) * H + h) * D;
+            const float* lp = g.lse + (b * H + h) * T + i0;
+            const float* dlp = g.delta + (b * H + h) * T + i0;
+
+            // S (nq x kl) = Q Kt and dP (nq x kl) = dO Vt; then in one pass over both tiles
+            // P = exp(S scale + bias - lse) (0 where masked or past the last key) and
+            // dS = P (dP - delta) scale.
+            tile_gemm(pb, kl, qp, qs, 1, kt, kl, nq, D, kl, false);
+            tile_gemm(dsb, kl, dop, HD, 1, vt, kl, nq, D, kl, false);
+            const bool mask = P.causal && j0 + nk - 1 > p0;
+            for (int64_t i = 0; i < nq; ++i) {
+                float* prow = pb + i * kl;
+                float* drow = dsb + i * kl;
+                const float rel0 = (float)(p0 + i - j0), li = lp[i], di = dlp[i];
+#pragma omp simd
+                for (int64_t j = 0; j < kl; ++j) {
+                    const float rel = rel0 - (float)j;
+                    float p = fast_exp(biased_score(prow[j], scale, slope, rel) - li);
+                    p = (j >= nk || (mask && rel < 0.0f)) ? 0.0f : p;
+                    prow[j] = p;
+                    drow[j] = p * (drow[j] - di) * scale;
+                }
+            }
+            // dVt (D x kl) += dO^T P;  dKt (D x kl) += Q^T dS.
+            tile_gemm(dvt, kl, dop, 1, HD, pb, kl, D, nq, kl, true);
+            tile_gemm(dkt, kl, qp, 1, qs, dsb, kl, D, nq, kl, true);
+            if (with_dq) {
+                // dQ (nq x D) += dS (nq x nk) K (nk x D), lanes along D.
+                float* dqp = g.dq + ((b * T + i0) * H + h) * D;
+                if (dq_direct) {
+                    tile_gemm(dqp, HD, dsb, kl, 1, kb, ks, nq, nk, D, true);
+                } else {
+                    for (int64_t i = 0; i < nq; ++i) {
+                        std::copy(dqp + i * HD, dqp + i * HD + D, dqpad + i * Dp);
+                        std::fill(dqpad + i * Dp + D, dqpad + (i + 1) * Dp, 0.0f);
+                    }
+                    tile_gemm(dqpad, Dp, dsb, kl, 1, kpad, Dp, nq, nk, Dp, true);
+                    for (int64_t i = 0; i < nq; ++i)
+                        std::copy(dqpad + i * Dp, dqpad + i * Dp + D, dqp + i * HD);
+                }
+            }
+        }
+    }
+    const int64_t kvrow = s.Hkv * D;  // dk, dv are contiguous (B, S, Hkv, D)
+    transpose_out(g.dk + ((b * s.S + j0) * s.Hkv + hk) * D, kvrow, dkt, kl, nk, D, nullptr);
+    transpose_out(g.dv + ((b * s.S + j0) * s.Hkv + hk) * D, kvrow, dvt, kl, nk, D, nullptr);
+}
+
+// dq of one block of queries of one head, queries along the lanes (like the forward):
+// St = K Qt, dPt = V dOt, Pt and dSt in one pass, dQt (D x W) += K^T dSt.
+void dq_block(const Problem& P, const Grads& g, int64_t b, int64_t h, int64_t i0, float* scratch) {
+    const AttentionShape& s = P.s;
+    const int64_t D = s.D, T = s.T, H = s.H, nq = std::min(BQ, T - i0), W = round_up(nq, VEC);
+    const int64_t hk = h / P.G, p0 = P.off + i0, ks = s.k_strides[1];
+    const float slope = P.slope(h), scale = P.scale;
+    float* qt = scratch;        // (D, W)  Q^T
+    float* dot = qt + D * BQ;   // (D, W)  dout^T
+    float* dqt = dot + D * BQ;  // (D, W)  dq^T accumulator
+    float* st = dqt + D * BQ;   // (BK, W) scores
+    float* dst = st + BK * BQ;  // (BK, W) dP, then dS
+    alignas(64) float lv[BQ] = {}, dlv[BQ] = {};  // lse and delta; zero on padding lanes
+
+    transpose_in(qt, W, P.q_row(b, i0, h), s.q_strides[1], nq, D);
+    transpose_in(dot, W, g.dout + ((b * T + i0) * H + h) * D, H * D, nq, D);
+    std::fill(dqt, dqt + D * W, 0.0f);
+    std::copy(g.lse + (b * H + h) * T + i0, g.lse + (b * H + h) * T + i0 + nq, lv);
+    std::copy(g.delta + (b * H + h) * T + i0, g.delta + (b * H + h) * T + i0 + nq, dlv);
+
+    const int64_t kend = P.key_end(i0, nq);
+    for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+        const int64_t nk = std::min(BK, kend - j0);
+        const float* kb = P.k_row(b, j0, hk);
+        tile_gemm(st, W, kb, ks, 1, qt, W, nk, D, W, false);
+        tile_gemm(dst, W, P.v_row(b, j0, hk), s.v_strides[1], 1, dot, W, nk, D, W, false);
+        const bool mask = P.causal && j0 + nk - 1 > p0;
+        for (int64_t j = 0; j < nk; ++j) {
+            const float* srow = st + j * W;
+            float* drow = dst + j * W;
+            const float rel0 = (float)(p0 - (j0 + j));
+#pragma omp simd
+            for (int64_t i = 0; i < W; ++i) {
+                const float rel = rel0 + (float)i;
+                float p = fast_exp(biased_score(srow[i], scale, slope, rel) - lv[i]);
+                p = (mask && rel < 0.0f) ? 0.0f : p;
+                drow[i] = p * (drow[i] - dlv[i]) * scale;
+            }
+        }
+        tile_gemm(dqt, W, kb, 1, ks, dst, W, D, nk, W, true);
+    }
+    transpose_out(g.dq + ((b * T + i0) * H + h) * D, H * D, dqt, W, nq, D, nullptr);
+}
+
+}  // namespace
+
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                       const AttentionShape& shape, bool causal, float scale,
+                       const float* alibi_slopes) {
+    const int64_t B = shape.B, T = shape.T, S = shape.S, H = shape.H, D = shape.D;
+    if (B == 0 || T == 0 || H == 0 || shape.Hkv == 0) return;
+    if (S == 0) {  // no keys: an empty sum (the Python layer rejects this case)
+        std::fill(out, out + B * T * H * D, 0.0f);
+        std::fill(lse, lse + B * H * T, -INFINITY);
+        return;
+    }
+    const Problem P{shape, q, k, v, causal, scale, alibi_slopes, H / shape.Hkv, S - T};
+
+    if (2 * T < VEC) {
+        // Decoding: a task per (batch, kv head, chunk of its query heads). Chunks of at most 64
+        // heads, and small enough to give every thread two tasks where the heads allow it.
+        const int64_t G = P.G, pairs = B * shape.Hkv;
+        const int64_t chunks = std::max(ceil_div(G, 64), std::min(G, ceil_div(2 * max_threads(), pairs)));
+        const int64_t per_chunk = ceil_div(G, chunks);
+#pragma omp parallel
+        {
+            float* scratch = tls_scratch.get(per_chunk * T * D);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < pairs * chunks; ++t) {
+                const int64_t b = t / (shape.Hkv * chunks), hk = t / chunks % shape.Hkv;
+                const int64_t h0 = hk * G + t % chunks * per_chunk;
+                const int64_t h1 = std::min(h0 + per_chunk, (hk + 1) * G);
+                if (h0 < h1) forward_rows(out, lse, P, b, hk, h0, h1, scratch);
+            }
+        }
+        return;
+    }
+    const int64_t nqb = ceil_div(T, BQ), BH = B * H;
+#pragma omp parallel
+    {
+        float* scratch = tls_scratch.get(2 * D * BQ + BK * BQ);
+        // The last query blocks see the most keys (causal): hand them out first so that the
+        // threads finish together.
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < BH * nqb; ++t) {
+            const int64_t qb = nqb - 1 - t / BH, b = t % BH / H, h = t % H;
+            forward_block(out, lse, P, b, h, qb * BQ, scratch);
+        }
+    }
+}
+
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
+                        const float* k, const float* v, const float* out, const float* lse,
+                        const AttentionShape& shape, bool causal, float scale,
+                        const float* alibi_slopes) {
+    const int64_t B = shape.B, T = shape.T, S = shape.S, H = shape.H, Hkv = shape.Hkv, D = shape.D;
+    if (B == 0 || Hkv == 0) return;
+    const Problem P{shape, q, k, v, causal, scale, alibi_slopes, H / Hkv, S - T};
+
+    // delta (B, H, T) = rowsum(dout * out): the softmax backward's per-row term, once per row.
+    AlignedBuffer delta_buf;
+    float* delta = delta_buf.get(std::max<int64_t>(1, B * H * T));
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < B * T * H; ++r) {  // r = (b, t, h), the row order of dout and out
+        const float* a = dout + r * D;
+        const float* o = out + r * D;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t d = 0; d < D; ++d) sum += a[d] * o[d];
+        const int64_t b = r / (T * H), t = r / H % T, h = r % H;
+        delta[(b * H + h) * T + t] = sum;
+    }
+    const Grads g{dq, dk, dv, dout, lse, delta};
+
+    const int64_t nkb = ceil_div(S, BK), nqb = ceil_div(T, BQ), pairs = B * Hkv;
+    const int64_t scratch_floats = 4 * D * BK + 2 * BQ * BK + (BK + BQ) * round_up(D, VEC);
+    // One task per (batch, kv head) does 5 tile products per tile pair; the two-pass scheme does
+    // 7 but has nkb times more tasks. Pick the one pass when whole rounds of it keep the
+    // threads at least 5/7 busy.
+    const int64_t threads = max_threads();
+    const bool one_pass = 5 * ceil_div(pairs, threads) * threads <= 7 * pairs;
+    if (one_pass) {
+#pragma omp parallel
+        {
+            float* scratch = tls_scratch.get(scratch_floats);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < pairs; ++t) {
+                const int64_t b = t / Hkv, hk = t % Hkv;
+                for (int64_t i = 0; i < T; ++i)
+                    std::fill(dq + ((b * T + i) * H + hk * P.G) * D,
+                              dq + ((b * T + i) * H + (hk + 1) * P.G) * D, 0.0f);
+                for (int64_t kb = 0; kb < nkb; ++kb) kv_block(P, g, b, hk, kb * BK, true, scratch);
+            }
+        }
+        return;
+    }
+#pragma omp parallel
+    {
+        float* scratch = tls_scratch.get(std::max(scratch_floats, 3 * D * BQ + 2 * BK * BQ));
+        // Causal: the first key blocks are seen by the most queries; the last query blocks see
+        // the most keys. Both loops hand out their heaviest tasks first.
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < pairs * nkb; ++t) {
+            const int64_t kb = t / pairs, b = t % pairs / Hkv, hk = t % Hkv;
+            kv_block(P, g, b, hk, kb * BK, false, scratch);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < B * H * nqb; ++t) {
+            const int64_t qb = nqb - 1 - t / (B * H), b = t % (B * H) / H, h = t % H;
+            dq_block(P, g, b, h, qb * BQ, scratch);
+        }
+    }
+}
+
+}  // namespace LLMCORE_ISA
+}  // namespace llmcore

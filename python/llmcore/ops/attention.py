@@ -1,0 +1,109 @@
+"""Fused attention, forward and backward: csrc/attention.cpp.
+
+q, k and v are read through their strides, so views into one fused QKV buffer need no copy, e.g.
+
+    qkv = x @ w_qkv                                    # (B, T, 3 * H * D)
+    qkv = qkv.reshape(B, T, 3, H, D)
+    out, lse = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+Only the last axis (D) must be contiguous. dout, out and lse are copied if they are not
+C-contiguous (the kernel reads them as dense blocks).
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _checks as chk
+
+
+def _head_view(name: str, x) -> np.ndarray:
+    """A float32 (B, L, heads, D) array whose last axis is contiguous, returned as is (no copy)."""
+    x = chk.float_array(name, x, 4, contiguous=False)
+    if x.size == 0:  # nothing is read (NumPy gives empty arrays zero strides)
+        return x
+    if x.shape[3] > 1 and x.strides[3] != x.itemsize:
+        raise ValueError(
+            f"{name}: the last axis (D) must be contiguous, got strides {x.strides} for shape "
+            f"{x.shape}; pass np.ascontiguousarray({name}) or a view that keeps D contiguous")
+    if any(st % x.itemsize for st in x.strides):
+        raise ValueError(f"{name}: strides must be whole float32 elements, got {x.strides}")
+    if not x.flags.aligned:  # a view at an odd byte offset: the kernel reads whole floats
+        x = x.copy()
+    return x
+
+
+def _check_qkv(q, k, v, causal, scale, alibi_slopes):
+    q = _head_view("q", q)
+    k = _head_view("k", k)
+    v = _head_view("v", v)
+    B, T, H, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k: batch size {k.shape[0]} does not match q's {B} (q {q.shape}, k {k.shape})")
+    if k.shape[3] != D:
+        raise ValueError(f"k: head dimension {k.shape[3]} does not match q's {D} (q {q.shape}, k {k.shape})")
+    S, Hkv = k.shape[1], k.shape[2]
+    chk.same_shape("v", v, k.shape, "k's shape (B, S, Hkv, D)")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(
+            f"k: the number of key/value heads ({Hkv}) must divide the number of query heads "
+            f"({H}) (q {q.shape}, k {k.shape})")
+    if D == 0:
+        raise ValueError(f"q: the head dimension D must be at least 1, got shape {q.shape}")
+    if S == 0:
+        raise ValueError(f"k: attention needs at least one key (S = 0, shape {k.shape})")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    causal = bool(causal)
+    if causal and S < T:
+        raise ValueError(
+            f"k: causal attention places query i at key position S - T + i, so it needs S >= T "
+            f"(S={S}, T={T}); pass causal=False to attend to every key")
+    if scale is None:
+        scale = 1.0 / float(np.sqrt(D))
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    elif not np.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    if alibi_slopes is not None:
+        alibi_slopes = chk.float_array("alibi_slopes", alibi_slopes, 1)
+        chk.same_shape("alibi_slopes", alibi_slopes, (H,), "one slope per query head")
+    return q, k, v, causal, float(scale), alibi_slopes
+
+
+def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None):
+    """(out (B, T, H, D), lse (B, H, T)) of softmax(q k^T scale - slope |pos_i - j|) v.
+
+    q (B, T, H, D); k, v (B, S, Hkv, D) with H a multiple of Hkv (MHA, GQA, MQA). Query i sits at
+    key position S - T + i; causal hides keys j > S - T + i. scale defaults to 1/sqrt(D);
+    alibi_slopes is (H,) float32 or None. lse is the natural-log log-sum-exp of each query row's
+    scores, which attention_backward needs.
+    """
+    q, k, v, causal, scale, alibi_slopes = _check_qkv(q, k, v, causal, scale, alibi_slopes)
+    mod = chk.backend(q, k, v)
+    if q.size == 0:  # no queries (B, T or H is 0): nothing to compute
+        B, T, H, _ = q.shape
+        return np.zeros(q.shape, np.float32), np.zeros((B, H, T), np.float32)
+    return mod.attention_forward(q, k, v, causal, scale, alibi_slopes)
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alibi_slopes=None):
+    """(dq, dk, dv) for out = attention(q, k, v, ...)[0], given dout and the forward's out, lse.
+
+    GQA/MQA gradients are summed over the query heads that share a key/value head inside the
+    kernel; dk and dv have k's and v's shapes.
+    """
+    q, k, v, causal, scale, alibi_slopes = _check_qkv(q, k, v, causal, scale, alibi_slopes)
+    B, T, H, D = q.shape
+    dout = chk.float_array("dout", dout, 4)
+    chk.same_shape("dout", dout, q.shape, "q's shape (B, T, H, D)")
+    out = chk.float_array("out", out, 4)
+    chk.same_shape("out", out, q.shape, "q's shape (B, T, H, D)")
+    lse = chk.float_array("lse", lse, 3)
+    chk.same_shape("lse", lse, (B, H, T), "(B, H, T) from q's shape")
+    mod = chk.backend(dout, q, k, v, out, lse)
+    if q.size == 0 or k.size == 0:  # no queries or no batch: every gradient is an empty sum
+        return (np.zeros(q.shape, np.float32), np.zeros(k.shape, np.float32),
+                np.zeros(v.shape, np.float32))
+    return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
