@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from . import bench
+
 
 def _cmd_info(args) -> int:
     import llmcore
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=_cmd_info)
     _add_train_parsers(sub)
+    bench.add_parser(sub)
     return parser
 
 
