@@ -24,7 +24,10 @@ from llmcore import ops, reference
 attention_ops = importlib.import_module("llmcore.ops.attention")  # the module, not the function
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_PYTHONPATH = os.pathsep.join(p for p in [os.path.join(_ROOT, "python"), os.environ.get("PYTHONPATH")] if p)
+# The subprocess imports the same llmcore as this process (installed or in-tree), never the bare
+# source tree, which has no compiled module after a plain `pip install .`.
+_PYTHONPATH = os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(llmcore.__file__)),
+                                          os.environ.get("PYTHONPATH")] if p)
 
 
 def _rel_err(a, b) -> float:
