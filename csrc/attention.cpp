@@ -43,7 +43,6 @@ namespace llmcore {
 namespace LLMCORE_ISA {
 namespace {
 
-constexpr int VEC = LLMCORE_VEC;
 // Queries per block and keys per block. A 64 x 64 score tile is 16 KiB and the Q/O tiles
 // 16-32 KiB at D = 64-128: the working set of one tile pair stays in L2, and the per-block
 // costs (rescaling O, loading/storing the C tiles) are 1/64 of the products. Measured on one
@@ -60,16 +59,7 @@ constexpr int64_t BK = 64;
 constexpr int MR = 4;
 constexpr int NV = VEC == 16 ? 4 : 2;
 
-typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
 
-inline vfloat load(const float* p) {
-    vfloat v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // One thread's scratch (tiles of a task), reused across calls.

@@ -29,6 +29,20 @@ namespace LLMCORE_ISA {
 // to a row of work, small enough to balance rows of a few hundred floats over the threads.
 constexpr int64_t kRowGrain = 8;
 
+// One vector register of float32 lanes (GCC vector extensions: SSE, AVX2 or AVX-512 code from
+// the same source, by the translation unit's flags), with unaligned loads and stores.
+constexpr int VEC = LLMCORE_VEC;
+typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
+
+inline vfloat load(const float* p) {
+    vfloat v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 inline int max_threads() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -22,7 +22,6 @@ namespace llmcore {
 namespace LLMCORE_ISA {
 namespace {
 
-constexpr int VEC = LLMCORE_VEC;
 constexpr int MR = 6;
 constexpr int NR = 2 * VEC;
 // A KC x NR micro-panel of B must stay in the 32 KiB L1 while MC/MR A micro-panels stream past.
@@ -30,14 +29,6 @@ constexpr int64_t KC = VEC == 16 ? 192 : 256;
 constexpr int64_t MC = 144;   // MR * 24: a 144 x KC block of A is 100-150 KiB, well inside L2
 constexpr int64_t NC = 4096;  // a KC x NC panel of B is 3-4 MiB, shared in L3
 
-typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
-
-inline vfloat load(const float* p) {
-    vfloat v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 
 thread_local AlignedBuffer tls_packed_a, tls_packed_b;
 
@@ -140,7 +131,6 @@ void pack_b_panel(float* bp, const float* b, bool trans, int64_t N, int64_t K, i
     }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // One C (M,N) = op(A) @ op(B); threads split the work when `parallel` (otherwise the caller is
 // already running one GEMM per thread).

@@ -28,3 +28,13 @@ def threads():
     before = llmcore.get_num_threads()
     yield
     llmcore.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """For tiny models: they gain nothing from threads, and one thread is immune to the stalls two
+    OpenMP threads suffer when another process holds a core of a 2-core machine."""
+    before = llmcore.get_num_threads()
+    llmcore.set_num_threads(1)
+    yield
+    llmcore.set_num_threads(before)

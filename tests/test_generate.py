@@ -8,14 +8,7 @@ from llmcore.generate import sample_next
 from llmcore.model import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and one thread is immune to the stalls two OpenMP
-    threads suffer when another process holds a core of a 2-core machine."""
-    before = llmcore.get_num_threads()
-    llmcore.set_num_threads(1)
-    yield
-    llmcore.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(pos, n_kv_head=2, seq_len=16, backend="cpu", seed=0):

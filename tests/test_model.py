@@ -11,14 +11,7 @@ from llmcore.nn import get_backend
 from llmcore.optim import AdamW
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and one thread is immune to the stalls two OpenMP
-    threads suffer when another process holds a core of a 2-core machine."""
-    before = llmcore.get_num_threads()
-    llmcore.set_num_threads(1)
-    yield
-    llmcore.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Every pos, norm and act option, MHA / GQA / MQA, tied and untied heads, with and without biases.
 CONFIGS = {

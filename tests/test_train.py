@@ -18,14 +18,7 @@ from llmcore.train import PRESETS, resolve_settings, train
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and one thread is immune to the stalls two OpenMP
-    threads suffer when another process holds a core of a 2-core machine."""
-    before = llmcore.get_num_threads()
-    llmcore.set_num_threads(1)
-    yield
-    llmcore.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_adamw_decays_only_matrices_and_matches_torch_formula(rng):
