@@ -38,3 +38,34 @@ def one_thread():
     llmcore.set_num_threads(1)
     yield
     llmcore.set_num_threads(before)
+
+
+def _cuda_skip_reason():
+    if not llmcore.cuda_available():
+        info = llmcore.info()
+        return ("no GPU visible to llmcore's CUDA core" if info["cuda_built"]
+                else "llmcore was built without its CUDA core (no nvcc at build time)")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed (pip install 'llmcore[cuda]')"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason, where no GPU (or no CuPy) is at hand."""
+    reason = None
+    for item in items:
+        if "cuda" in item.keywords:
+            reason = reason or _cuda_skip_reason() or "available"
+            if reason != "available":
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def cp():
+    """CuPy, for tests marked `cuda` (they are skipped before this runs where there is no GPU)."""
+    import cupy
+
+    yield cupy
+    cupy.cuda.Stream.null.synchronize()  # an asynchronous fault surfaces in the test that caused it

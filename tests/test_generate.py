@@ -4,6 +4,7 @@ import pytest
 
 import llmcore
 from llmcore import nn
+from llmcore.checkpoint import load_model_arrays
 from llmcore.generate import sample_next
 from llmcore.model import GPT, GPTConfig
 
@@ -112,3 +113,52 @@ def test_bad_generate_arguments():
     with pytest.raises(ValueError, match="idx"):
         model.generate(np.zeros((1, 0), dtype=np.int64), 3)
     assert isinstance(nn.KVCache(1, 4, 2, 8, np.float32).k, np.ndarray)
+
+
+def test_generation_on_a_device_backend_matches_cpu():
+    """KV caches on the (fake) device, the last logits row copied to the host for sampling: the same
+    tokens as the cpu backend, with and without the cache."""
+    from test_model import fake_device_backend
+
+    calls = {}
+    cpu, dev = random_model("rope", 2), random_model("rope", 2, backend=fake_device_backend(calls))
+    prompt = np.random.default_rng(3).integers(0, 17, (2, 5))
+    for kw in (dict(temperature=0), dict(temperature=0.9, top_k=8, seed=2)):
+        want = cpu.generate(prompt, 24, **kw)
+        before = calls["to_host"]
+        got = dev.generate(prompt, 24, **kw)
+        assert type(got) is np.ndarray and (got == want).all()
+        assert calls["to_host"] - before >= 24  # (the ids and) one logits row per new token
+        assert (dev.generate(prompt, 24, use_cache=False, **kw) == want).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pos,n_kv_head", [("rope", 2), ("alibi", 1), ("learned", 4)])
+def test_cuda_cache_gives_the_tokens_of_recomputation(pos, n_kv_head, cp):
+    before = llmcore.ops.get_matmul_precision()
+    llmcore.ops.set_matmul_precision("highest")
+    try:
+        cpu = random_model(pos, n_kv_head, backend="cpu")
+        model = GPT(cpu.config, backend="cuda")
+        # (CuPy takes host arrays only through be.to_device, as load_model_arrays does)
+        load_model_arrays(model, {k: p.data for k, p in cpu.parameters().items()})
+        caches = model.new_kv_caches(3)
+        assert isinstance(caches[0].k, cp.ndarray)
+        prompt = np.random.default_rng(3).integers(0, 17, (3, 5))
+        # 45 new tokens on a 16-token window: the window jumps (and the cache is refilled) 4 times
+        cached = model.generate(prompt, 45, temperature=0, use_cache=True)
+        assert isinstance(cached, np.ndarray) and cached.shape == (3, 50)
+        assert (cached == model.generate(prompt, 45, temperature=0, use_cache=False)).all()
+        kw = dict(temperature=0.9, top_k=8, top_p=0.95, seed=11)
+        assert (model.generate(prompt, 20, **kw) == model.generate(prompt, 20, use_cache=False, **kw)).all()
+        # the cached logits themselves: prefill then one token at a time, against the cpu model's
+        idx = np.random.default_rng(0).integers(0, 17, (2, 16))
+        want = cpu.forward(idx)[0][:, 7:]  # (B, 9, V)
+        caches = model.new_kv_caches(2)
+        got = [model.forward_last(idx[:, :8], caches, start=0)]
+        for t in range(8, 16):
+            got.append(model.forward_last(idx[:, t:t + 1], caches, start=t))
+        got = cp.asnumpy(cp.stack(got, axis=1))
+        assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    finally:
+        llmcore.ops.set_matmul_precision(before)

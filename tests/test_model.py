@@ -5,10 +5,10 @@ import pytest
 
 import llmcore
 from helpers import rel_err
-from llmcore import positions
+from llmcore import nn, positions
 from llmcore.model import GPT, GPTConfig
 from llmcore.nn import get_backend
-from llmcore.optim import AdamW
+from llmcore.optim import AdamW, clip_grad_norm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,8 +183,9 @@ def test_bad_configs_and_backends():
         make_config(d_model=18, n_head=4)
     with pytest.raises(ValueError, match="pos"):
         make_config(pos="relative")
-    with pytest.raises(RuntimeError, match="cuda"):
-        GPT(make_config(), backend="cuda")
+    if not llmcore.cuda_available():  # (test_cuda_backend_says_what_is_missing checks the message)
+        with pytest.raises(RuntimeError, match="cuda"):
+            GPT(make_config(), backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         get_backend("tpu")
     with pytest.raises(TypeError, match="float32"):
@@ -235,3 +236,176 @@ def test_sinusoidal_table_and_alibi_slopes():
     assert np.allclose(positions.alibi_slopes(8), [2.0 ** -(i + 1) for i in range(8)])
     # not a power of two: the 4-head slopes, then every other slope of the 8-head set
     assert np.allclose(positions.alibi_slopes(6), [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3])
+
+
+# ----------------------------------------------------------------------------------------------
+# Device plumbing. A fake device backend runs everywhere: NumPy and the compiled CPU core underneath,
+# but every array that crosses to_device comes back as a DeviceArray, a distinct type, so a
+# parameter, gradient, moment or table left on the host (a missed be.to_device) shows up.
+
+class DeviceArray(np.ndarray):
+    """An array 'on the fake device' (a NumPy subclass: the CPU kernels still accept it)."""
+
+
+def fake_device_backend(calls=None):
+    calls = {} if calls is None else calls
+    calls.setdefault("to_device", 0)
+    calls.setdefault("to_host", 0)
+
+    def to_device(a):
+        assert not isinstance(a, DeviceArray), "to_device got an array already on the device"
+        calls["to_device"] += 1
+        return np.array(a, copy=True).view(DeviceArray)  # a copy, as cupy.asarray makes
+
+    def to_host(a):
+        calls["to_host"] += 1
+        return np.array(a, copy=True)  # a plain ndarray again, as cupy.asnumpy makes
+
+    return nn.Backend("fake-device", llmcore.ops, np, to_device=to_device, to_host=to_host)
+
+
+def assert_on_device(model, opt=None):
+    arrays = {}
+    for k, p in model.parameters().items():
+        arrays[k], arrays[k + ".grad"] = p.data, p.grad
+    for i, block in enumerate(model.h):
+        for name in ("rope", "alibi_slopes"):
+            if getattr(block.attn, name) is not None:
+                arrays[f"h.{i}.attn.{name}"] = getattr(block.attn, name)
+    if model.pos_table is not None:
+        arrays["pos_table"] = model.pos_table
+    if opt is not None:
+        arrays.update({f"opt.{k}": a for k, a in opt.state_arrays().items()})
+    for k, a in arrays.items():
+        assert isinstance(a, DeviceArray), f"{k} is a {type(a).__name__}, not on the device"
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "sinusoidal", "learned"])
+def test_fake_device_backend_matches_cpu(pos, rng):
+    """Weights start equal (drawn on the host, then moved), and forward, backward, clipping and
+    AdamW give the cpu backend's results bit for bit, with every array on the device."""
+    cfg = make_config(pos=pos, n_kv_head=2, bias=pos == "learned", tie_embeddings=pos != "sinusoidal")
+    calls = {}
+    models = [GPT(cfg, backend="cpu", seed=3), GPT(cfg, backend=fake_device_backend(calls), seed=3)]
+    opts = [AdamW(m.parameters(), lr=1e-2, backend=m.be) for m in models]
+    assert_on_device(models[1], opts[1])
+    for m in models:
+        perturb(m, np.random.default_rng(4))
+    results = []
+    for m, opt in zip(models, opts):
+        losses = []
+        for step in range(2):
+            idx, targets = batch(np.random.default_rng(step), cfg)
+            losses.append(m.forward(idx, targets)[1])
+            m.zero_grad()
+            m.backward()
+            losses.append(clip_grad_norm(m.parameters(), 1.0))
+            opt.step()
+        results.append((losses, {k: np.asarray(p.data) for k, p in m.parameters().items()}))
+    assert_on_device(models[1], opts[1])
+    assert calls["to_device"] > 0 and calls["to_host"] > 0
+    assert results[0][0] == results[1][0]
+    for k, a in results[0][1].items():
+        assert np.array_equal(a, results[1][1][k]), k
+
+
+def test_cuda_backend_says_what_is_missing(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
+    with pytest.raises(RuntimeError, match=r'backend .cuda. is not available: CuPy is not installed.*'
+                                           r'pip install "llmcore\[cuda\]"'):
+        get_backend("cuda")
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))  # CuPy present...
+    monkeypatch.setattr(llmcore._backend, "cuda_available", lambda: False)  # ...but no usable GPU
+    with pytest.raises(RuntimeError) as exc:
+        GPT(make_config(), backend="cuda")
+    msg = str(exc.value)
+    assert "CuPy" not in msg and ("built without its CUDA core" in msg or "sees no GPU" in msg), msg
+    assert "'cpu'" in msg  # and what to use instead
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA backend (skipped without a GPU, CuPy and the CUDA core).
+
+@pytest.fixture
+def matmul_precision():
+    """Sets the GPU matmul precision for one test and restores it afterwards."""
+    before = llmcore.ops.get_matmul_precision()
+    yield llmcore.ops.set_matmul_precision
+    llmcore.ops.set_matmul_precision(before)
+
+
+CUDA_CONFIGS = {
+    "rope-rms-gelu-gqa": dict(pos="rope"),
+    "alibi-ln-gelu-gqa": dict(pos="alibi", norm="layernorm"),
+    "learned-ln-relu-bias-untied": dict(pos="learned", norm="layernorm", act="relu", bias=True,
+                                        tie_embeddings=False),
+    "sinusoidal-rms-relu-mqa": dict(pos="sinusoidal", act="relu", n_kv_head=1),
+}
+
+
+def cuda_config(**kw):
+    base = dict(vocab_size=65, seq_len=32, n_layer=2, n_head=4, n_kv_head=2, d_model=64)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(CUDA_CONFIGS))
+def test_cpu_and_cuda_backends_agree(name, rng, cp, matmul_precision):
+    matmul_precision("highest")  # fp32 on the GPU: only summation order differs from the CPU
+    cfg = cuda_config(**CUDA_CONFIGS[name])
+    cpu, gpu = GPT(cfg, backend="cpu", seed=5), GPT(cfg, backend="cuda", seed=5)
+    assert gpu.be.xp is cp
+    for k, p in cpu.parameters().items():  # the same seed: the same initial weights
+        q = gpu.parameters()[k]
+        assert isinstance(q.data, cp.ndarray) and isinstance(q.grad, cp.ndarray), k
+        assert np.array_equal(cp.asnumpy(q.data), p.data), k
+    idx, targets = batch(rng, cfg, B=4)
+    losses, grads = [], []
+    for m in (cpu, gpu):
+        logits, loss = m.forward(idx, targets)
+        assert isinstance(loss, float) and logits.shape == (4, cfg.seq_len, cfg.vocab_size)
+        m.zero_grad()
+        m.backward()
+        losses.append(loss)
+        grads.append({k: m.be.to_host(p.grad) for k, p in m.parameters().items()})
+    assert isinstance(logits, cp.ndarray)
+    assert abs(losses[1] - losses[0]) <= 1e-4 * abs(losses[0]), losses
+    flat = [np.concatenate([g[k].ravel() for k in sorted(g)]) for g in grads]
+    assert rel_err(flat[1], flat[0]) < 1e-3
+    for k in grads[0]:  # no parameter hides behind the big ones in the concatenation
+        assert rel_err(grads[1][k], grads[0][k]) < 1e-2, k
+    # clipping and one AdamW step on the GPU (moments on the GPU too)
+    opts = [AdamW(m.parameters(), lr=1e-3) for m in (cpu, gpu)]
+    assert opts[1].be.name == "cuda" and isinstance(opts[1].m["wte.weight"], cp.ndarray)
+    norms = [clip_grad_norm(m.parameters(), 1.0) for m in (cpu, gpu)]
+    assert isinstance(norms[1], float) and abs(norms[1] - norms[0]) <= 1e-4 * norms[0], norms
+    for opt in opts:
+        opt.step()
+    after = [np.concatenate([m.be.to_host(p.data).ravel() for _, p in sorted(m.parameters().items())])
+             for m in (cpu, gpu)]
+    assert rel_err(after[1], after[0]) < 1e-4
+
+
+@pytest.mark.cuda
+def test_cuda_training_steps_lower_the_loss(rng, cp, matmul_precision):
+    matmul_precision("high")  # TF32, the training default on cuda
+    cfg = make_config(vocab_size=8, seq_len=16, n_layer=1, d_model=32, n_head=2, n_kv_head=1)
+    model = GPT(cfg, backend="cuda")
+    opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    pattern = np.tile(np.arange(8), 8)  # a cycle the model can learn
+    losses = []
+    for _ in range(30):
+        starts = rng.integers(0, 8, 4)
+        x = np.stack([pattern[s:s + 16] for s in starts])
+        y = np.stack([pattern[s + 1:s + 17] for s in starts])
+        losses.append(model.forward(x, y)[1])
+        model.zero_grad()
+        model.backward()
+        assert np.isfinite(clip_grad_norm(model.parameters(), 1.0))
+        opt.step()
+    assert losses[0] > 1.5 and losses[-1] < 0.3, (losses[0], losses[-1])
+    assert all(isinstance(p.data, cp.ndarray) for p in model.parameters().values())

@@ -226,3 +226,105 @@ def test_loss_curve_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     message = plot_losses(rows, tmp_path / "b.png")
     assert "matplotlib is not installed" in message and "\n" not in message
     assert not (tmp_path / "b.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop on a device backend: a fake one everywhere (test_model.fake_device_backend:
+# NumPy underneath, every device array a distinct type), the real "cuda" one where a GPU is.
+
+def _run_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_on_a_device_backend_matches_cpu(tmp_path, text_file, monkeypatch):
+    """train() on the fake device (checkpoints via to_host, resume via to_device, sampling from
+    device logits) gives the cpu backend's losses, weights, moments and sample, bit for bit."""
+    from test_model import DeviceArray, fake_device_backend
+
+    import llmcore.nn
+
+    kw = dict(data=str(text_file), eval_interval=1000, ckpt_interval=10, sample_tokens=20, seed=7)
+
+    def run(out, log):  # 20 steps of a 20-step schedule, then resumed to 30 steps
+        assert train("tiny", out, steps=20, log=lambda *a: None, **kw) == 0
+        assert train("tiny", out, resume=True, steps=30, log=log, **kw) == 0
+
+    logs = {"cpu": [], "device": []}
+    run(tmp_path / "cpu", logs["cpu"].append)
+
+    calls = {}
+    fake, real = fake_device_backend(calls), llmcore.nn.get_backend
+    monkeypatch.setattr(llmcore.nn, "get_backend", lambda name: fake if name == "cpu" else real(name))
+    seen = []
+    real_save = ckpt.save
+
+    def save(out_dir, model_arrays, optimizer_arrays, state):  # what reaches safetensors: host arrays
+        seen.extend(type(a) for a in [*model_arrays.values(), *optimizer_arrays.values()])
+        return real_save(out_dir, model_arrays, optimizer_arrays, state)
+
+    monkeypatch.setattr(ckpt, "save", save)
+    out = tmp_path / "device"
+    run(out, logs["device"].append)
+    assert seen and set(seen) == {np.ndarray}
+    assert calls["to_device"] > 0 and calls["to_host"] > 0
+    assert any("backend fake-device" in m for m in logs["device"])
+
+    a = [r for r in _run_metrics(tmp_path / "cpu") if "loss" in r]
+    b = [r for r in _run_metrics(out) if "loss" in r]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["step"] for r in b] == [10, 20, 30]
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 for r in b)
+    (_, ma, oa), (_, mb, ob) = ckpt.load(tmp_path / "cpu"), ckpt.load(out)
+    for k in ma:
+        assert np.array_equal(ma[k], mb[k]), k
+    for k in oa:
+        assert np.array_equal(oa[k], ob[k]), k
+    sample = logs["cpu"][logs["cpu"].index(next(m for m in logs["cpu"] if m.startswith("--- sample"))) + 1]
+    assert sample == logs["device"][logs["device"].index(next(
+        m for m in logs["device"] if m.startswith("--- sample"))) + 1]
+    assert any(m.startswith("throughput:") and "tokens/s" in m for m in logs["device"])
+    # and a checkpoint loads for sampling on the device
+    monkeypatch.undo()
+    model, _, _ = ckpt.load_for_inference(out, backend=fake_device_backend())
+    assert isinstance(model.parameters()["wte.weight"].data, DeviceArray)
+    assert np.array_equal(np.asarray(model.parameters()["wte.weight"].data), ma["wte.weight"])
+
+
+def test_matmul_precision_is_a_cuda_setting(tmp_path, text_file):
+    before = llmcore.ops.get_matmul_precision()
+    messages = []
+    assert train("tiny", tmp_path / "run", data=str(text_file), steps=2, eval_interval=1000, sample_tokens=0,
+                 matmul_precision="medium", log=messages.append) == 0
+    assert any("--matmul-precision medium applies to --device cuda only" in m for m in messages), messages
+    assert llmcore.ops.get_matmul_precision() == before
+    with pytest.raises(ValueError, match="matmul-precision"):
+        train("tiny", tmp_path / "bad", data=str(text_file), steps=2, matmul_precision="low", log=lambda *a: None)
+
+
+def test_presets_cover_gpt2_124m():
+    s = resolve_settings("gpu-gpt2", {})
+    assert s["model"] == dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, seq_len=1024)
+
+
+@pytest.mark.cuda
+def test_training_on_cuda(tmp_path, text_file, cp):
+    before = llmcore.ops.get_matmul_precision()
+    out = tmp_path / "run"
+    messages = []
+    code = train("tiny", out, data=str(text_file), device="cuda", steps=40, eval_interval=20,
+                 ckpt_interval=20, sample_tokens=20, log=messages.append)
+    assert code == 0, messages
+    assert any("backend cuda, matmul precision high" in m for m in messages), messages
+    assert llmcore.ops.get_matmul_precision() == before  # restored after the run
+    rows = _run_metrics(out)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5 and all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+    # resume on the GPU, then load the GPU-written checkpoint on the CPU: same loss on a batch
+    assert train("tiny", out, resume=True, device="cuda", steps=50, log=lambda *a: None) == 0
+    assert ckpt.load(out)[0]["step"] == 50
+    cpu_model, tok, _ = ckpt.load_for_inference(out, backend="cpu")
+    gpu_model, _, _ = ckpt.load_for_inference(out, backend="cuda")
+    x, y = data.get_batch(tok.encode(text_file.read_text()[:5000]).astype(np.int32), 4, 32,
+                          np.random.default_rng(0))
+    assert isinstance(gpu_model.parameters()["wte.weight"].data, cp.ndarray)
+    a, b = cpu_model.forward(x, y)[1], gpu_model.forward(x, y)[1]
+    assert abs(a - b) <= 1e-4 * abs(a), (a, b)

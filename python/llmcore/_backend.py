@@ -34,9 +34,14 @@ def cuda_available() -> bool:
         return False
 
 
+def is_cupy(x) -> bool:
+    """True for a CuPy array (checked without importing CuPy)."""
+    return type(x).__module__.startswith("cupy") and hasattr(x, "__cuda_array_interface__")
+
+
 def backend_for(arrays):
     """The compiled module for a set of arrays, which must all live on the same device."""
-    on_gpu = [type(a).__module__.startswith("cupy") for a in arrays]
+    on_gpu = [is_cupy(a) for a in arrays]
     if not any(on_gpu):
         return _cpu
     if not all(on_gpu):

@@ -44,17 +44,38 @@ def info() -> dict:
         "openmp": bool(_cpu.openmp),
         "num_threads": get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "cuda_built": _cuda_built(),
-        "cuda_available": cuda_available(),
+        **_cuda_info(),
     }
 
 
-def _cuda_built() -> bool:
+def _cuda_info() -> dict:
+    """The CUDA core's build (architectures, runtime) and the GPUs it sees."""
     try:
-        from . import _cuda  # noqa: F401
+        from . import _cuda
     except ImportError:
-        return False
-    return True
+        return {"cuda_built": False, "cuda_available": False}
+    build = _cuda.build_info()
+    runtime = build["cuda_runtime_built"]
+    out = {
+        "cuda_built": True,
+        "cuda_available": cuda_available(),
+        "cuda_architectures": ["sm_" + a for a in build["architectures"].split(";")],
+        "cuda_runtime": f"{runtime // 1000}.{runtime % 1000 // 10}",
+        "cuda_driver": (f"{build['driver'] // 1000}.{build['driver'] % 1000 // 10}"
+                        if build["driver"] else "none"),
+    }
+    devices = []
+    for i in range(_cuda.device_count()):
+        p = _cuda.device_properties(i)
+        devices.append(f"{i}: {p['name']}, compute capability {p['compute_capability'][0]}."
+                       f"{p['compute_capability'][1]}, {p['multiprocessors']} SMs, "
+                       f"{p['memory_bytes'] / 2**30:.1f} GiB")
+    out["cuda_devices"] = devices
+    if cuda_available():
+        from .ops import get_matmul_precision
+
+        out["matmul_precision"] = get_matmul_precision()
+    return out
 
 
 def _apply_environment() -> None:

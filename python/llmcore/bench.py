@@ -771,12 +771,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case, median kept (default 9, quick 5)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and this machine's description as JSON")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison even if torch imports")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: the C++ core vs NumPy and PyTorch CPU (default); cuda: the CUDA core vs PyTorch "
+                        "on the GPU (llmcore.bench_cuda)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
     """Runs `llmcore bench`; 0 when every kernel passed its check, 1 otherwise (2: bad options)."""
+    if getattr(args, "device", "cpu") == "cuda":
+        from . import bench_cuda
+
+        return bench_cuda.run(args)
     stems = [s.strip() for s in args.ops.split(",") if s.strip()] if args.ops else list(BUILDERS)
     unknown = [s for s in stems if s not in BUILDERS]
     if unknown:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from ._backend import is_cupy
+
 NAME = "checkpoint"
 FORMAT = 1
 
@@ -46,8 +48,16 @@ def _fsync(path: Path):
         os.close(fd)
 
 
+def _host(array):
+    """A C-contiguous NumPy array for safetensors (a CuPy array is copied off the GPU)."""
+    if is_cupy(array):
+        array = array.get()
+    return np.ascontiguousarray(array)
+
+
 def save(out_dir, model_arrays: dict, optimizer_arrays: dict, state: dict) -> Path:
-    """Writes a checkpoint under out_dir atomically; returns its folder."""
+    """Writes a checkpoint under out_dir atomically; returns its folder. Arrays are NumPy (the
+    training loop copies device arrays with be.to_host first) or CuPy (copied here)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp, final, old = out_dir / (NAME + ".tmp"), out_dir / NAME, out_dir / (NAME + ".old")
@@ -55,7 +65,7 @@ def save(out_dir, model_arrays: dict, optimizer_arrays: dict, state: dict) -> Pa
     tmp.mkdir()
     files = {}
     for fname, arrays in (("model.safetensors", model_arrays), ("optimizer.safetensors", optimizer_arrays)):
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / fname),
+        save_file({k: _host(v) for k, v in arrays.items()}, str(tmp / fname),
                   metadata={"format": "llmcore", "version": str(FORMAT)})
         _fsync(tmp / fname)
         files[fname] = {"sha256": _sha256(tmp / fname), "bytes": (tmp / fname).stat().st_size}
@@ -114,7 +124,8 @@ def load(path, *, with_optimizer: bool = True):
 
 
 def load_model_arrays(model, arrays: dict):
-    """Copies arrays into model.parameters(), checking names and shapes."""
+    """Copies arrays (NumPy, from load) into model.parameters() on the model's device, checking
+    names and shapes."""
     params = model.parameters()
     missing = sorted(set(params) - set(arrays))
     extra = sorted(set(arrays) - set(params))
@@ -124,11 +135,12 @@ def load_model_arrays(model, arrays: dict):
         if arrays[name].shape != p.data.shape:
             raise CheckpointError(f"checkpoint weight {name!r} has shape {arrays[name].shape}, "
                                   f"the model expects {p.data.shape}")
-        p.data[...] = arrays[name]
+        p.data[...] = model.be.to_device(arrays[name])
 
 
 def load_for_inference(path, backend: str = "cpu"):
-    """(model, tokenizer, meta) from a checkpoint, for sampling."""
+    """(model, tokenizer, meta) from a checkpoint, for sampling on backend "cpu", "numpy" or "cuda"
+    (checkpoints hold host arrays, so one written on any backend loads on any other)."""
     from .model import GPT, GPTConfig
     from .tokenizer import tokenizer_from_dict
 

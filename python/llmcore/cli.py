@@ -19,7 +19,7 @@ def _cmd_info(args) -> int:
     width = max(len(k) for k in info)
     for key, value in info.items():
         if isinstance(value, list):
-            value = ", ".join(value)
+            value = ", ".join(value) or "none"
         print(f"{key:<{width}}  {value}")
     return 0
 
@@ -31,7 +31,7 @@ def _cmd_train(args) -> int:
     overrides = {k: getattr(args, k) for k in (
         "data", "tokenizer", "bpe_vocab_size", "steps", "batch_size", "lr", "seq_len", "device", "seed",
         "eval_interval", "eval_batches", "ckpt_interval", "sample_tokens", "pos", "norm", "act",
-        "n_layer", "n_head", "n_kv_head", "d_model")}
+        "n_layer", "n_head", "n_kv_head", "d_model", "matmul_precision")}
     try:
         return train(preset=args.preset, out=args.out, resume=args.resume, **overrides)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -100,7 +100,12 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--norm", choices=["rmsnorm", "layernorm"])
     p.add_argument("--act", choices=["gelu", "relu"])
     p.add_argument("--device", choices=["cpu", "numpy", "cuda"],
-                   help="cpu: the compiled core (default); numpy: the NumPy reference; cuda: the CUDA core")
+                   help="cpu: the compiled core (default); numpy: the NumPy reference; cuda: the CUDA core "
+                        "on one GPU (needs a CUDA build of llmcore and CuPy: pip install 'llmcore[cuda]')")
+    p.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
+                   help="GPU matmuls with --device cuda: highest = fp32, high = TF32 tensor cores (default), "
+                        "medium = bf16 tensor cores (fp32 accumulation, as torch.set_float32_matmul_precision); "
+                        "ignored on cpu/numpy, whose matmuls are always fp32")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-interval", type=int, help="steps between validation losses")
     p.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
@@ -118,7 +123,9 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["cpu", "numpy", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "numpy", "cuda"], default="cpu",
+                   help="cpu: the compiled core (default); numpy: the NumPy reference; cuda: the CUDA core "
+                        "(needs CuPy: pip install 'llmcore[cuda]')")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     p.set_defaults(func=_cmd_generate)
 

@@ -7,6 +7,9 @@ so that the newest seq_len // 2 tokens remain, and (with the cache) those are pr
 Jumping by half a window instead of sliding one token per step keeps the cache useful: one prefill
 per seq_len // 2 new tokens. use_cache=False recomputes the same window from scratch every step,
 so both paths see the same context and sample the same tokens.
+
+On the "cuda" backend the model and its KV caches live on the GPU; the token ids stay on the host
+(a few integers per step) and so does sampling, which needs only the last row of logits.
 """
 from __future__ import annotations
 
@@ -81,6 +84,7 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
             # exactly one new token per step.
             logits = model.forward_last(out[:, w + cached:L], caches, start=cached)
             cached = L - w
-        out[:, L] = sample_next(logits, rng, temperature, top_k, top_p)
+        # Sampling runs on the host: one (B, V) row copied off the device per new token.
+        out[:, L] = sample_next(model.be.to_host(logits), rng, temperature, top_k, top_p)
         L += 1
     return out[0] if squeeze else out

@@ -4,7 +4,9 @@
     logits, loss = model.forward(idx, targets)   # idx, targets (B, T) int
     model.zero_grad(); model.backward()          # fills p.grad for p in model.parameters().values()
 
-Layers and the gradient rule are in nn.py; the same model runs on every backend there.
+Layers and the gradient rule are in nn.py; the same model runs on every backend there. On "cuda",
+parameters, gradients and activations are CuPy arrays; with the same seed the weights start equal to
+the cpu model's (drawn on the host by NumPy's RNG, then copied to the GPU).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(be, cfg.seq_len, cfg.d_model, rng=rng, dtype=self.dtype, std=0.01)
         self.pos_table = None
         if cfg.pos == "sinusoidal":
-            self.pos_table = positions.sinusoidal_table(cfg.seq_len, cfg.d_model, dtype=self.dtype)
+            self.pos_table = be.to_device(positions.sinusoidal_table(cfg.seq_len, cfg.d_model, dtype=self.dtype))
         self.h = [nn.Block(be, cfg, rng=rng, dtype=self.dtype) for _ in range(cfg.n_layer)]
         self.ln_f = nn.make_norm(cfg.norm, be, cfg.d_model, dtype=self.dtype)
         tied = self.wte.weight if cfg.tie_embeddings else None  # (V, C) is already (out, in)
@@ -95,20 +97,22 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def _check_idx(self, idx, start=0):
-        idx = np.asarray(idx)
+        """Token ids (NumPy, as data.py makes them, a list, or already on the device) -> int64 on the
+        backend's device. Checked on the host: ids are small next to the activations."""
+        idx = np.asarray(self.be.to_host(idx))
         if idx.ndim != 2 or idx.dtype.kind not in "iu":
             raise ValueError(f"idx: expected a (B, T) integer array, got {idx.dtype} of shape {idx.shape}")
         if start + idx.shape[1] > self.config.seq_len:
             raise ValueError(f"idx: positions up to {start + idx.shape[1]} exceed the model's "
                              f"seq_len {self.config.seq_len}")
-        return idx.astype(np.int64, copy=False)
+        return self.be.to_device(idx.astype(np.int64, copy=False))
 
     def _trunk(self, idx, caches=None, start=0):
         """Token ids (B, T) at positions start.. -> final normalised hidden states (B, T, C)."""
         T = idx.shape[1]
         x = self.wte.forward(idx)  # (B, T, C)
         if self.wpe is not None:
-            pos = np.arange(start, start + T, dtype=np.int64)[None, :]  # (1, T)
+            pos = self.be.xp.arange(start, start + T, dtype=np.int64)[None, :]  # (1, T)
             x = x + self.wpe.forward(pos)  # (B, T, C) + (1, T, C)
         elif self.pos_table is not None:
             x = x + self.pos_table[start:start + T]
@@ -117,7 +121,10 @@ class GPT(nn.Module):
         return self.ln_f.forward(x)
 
     def forward(self, idx, targets=None):
-        """(logits (B, T, V), mean cross-entropy over targets != -100, or None without targets)."""
+        """(logits (B, T, V), mean cross-entropy over targets != -100, or None without targets).
+
+        idx and targets may be NumPy arrays on any backend; logits live on the backend's device
+        (CuPy on "cuda"); the loss is a Python float."""
         idx = self._check_idx(idx)
         B, T = idx.shape
         x = self._trunk(idx)
@@ -125,24 +132,27 @@ class GPT(nn.Module):
         self.targets = None
         if targets is None:
             return logits, None
-        targets = np.asarray(targets)
+        targets = np.asarray(self.be.to_host(targets))
         if targets.shape != (B, T) or targets.dtype.kind not in "iu":
             raise ValueError(f"targets: expected integers of idx's shape {(B, T)}, got {targets.dtype} "
                              f"of shape {targets.shape}")
         targets = targets.astype(np.int64, copy=False).reshape(B * T)  # (N,)
+        n_valid = int((targets != -100).sum())  # counted on the host, before the copy
+        targets = self.be.to_device(targets)
         logits2 = logits.reshape(B * T, -1)  # (N, V), a view
         losses, self.lse = self.be.ops.cross_entropy(logits2, targets)  # (N,), (N,)
-        n_valid = int((targets != -100).sum())
         self.targets, self.logits2 = targets, logits2
         self.loss_scale = 1.0 / max(n_valid, 1)  # d(mean)/d(loss_i)
-        return logits, float(losses.sum(dtype=np.float64) * self.loss_scale)
+        # The sum is accumulated in float64 on the backend's device; float() is the one wait for the
+        # GPU in a training step's forward pass.
+        return logits, float(losses.sum(dtype=np.float64)) * self.loss_scale
 
     def backward(self):
         """Backpropagates the loss of the last forward(idx, targets): accumulates every p.grad."""
         if self.targets is None:
             raise RuntimeError("backward() needs a preceding forward(idx, targets) with targets")
         N = self.targets.shape[0]
-        dloss = np.full(N, self.loss_scale, dtype=self.dtype)
+        dloss = self.be.xp.full(N, self.loss_scale, dtype=self.dtype)
         dlogits = self.be.ops.cross_entropy_backward(dloss, self.logits2, self.targets, self.lse)  # (N, V)
         B, T = self.wte.ids.shape
         dx = self.lm_head.backward(dlogits.reshape(B, T, -1))  # (B, T, C)

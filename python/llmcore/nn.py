@@ -1,8 +1,9 @@
 """Layers with explicit forward and backward passes, built only from llmcore operations.
 
 Every layer runs on a Backend: "numpy" (llmcore.reference, float32 or float64), "cpu" (llmcore.ops,
-the compiled core, float32) and later "cuda". Elementwise glue (adds, reshapes, ReLU, RoPE) is
-written with array methods so the same code serves each backend.
+the compiled core, float32) and "cuda" (llmcore.ops on CuPy arrays: the CUDA core, float32).
+Elementwise glue (adds, reshapes, ReLU, RoPE) is written with array methods and be.xp, so the same
+code serves each backend; parameters are drawn on the host and moved with be.to_device.
 
 The gradient rule, for every layer in this file:
   * forward(x) saves what backward needs and returns the output;
@@ -19,11 +20,20 @@ from . import positions
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends: name -> the namespace of operations and the array module the glue uses.
+# Backends: name -> the namespace of operations, the array module the glue uses, and the two copies
+# between the host and the backend's device. Layers never ask which backend they run on: they call
+# be.ops for the kernels, be.xp for glue arrays, be.to_device for arrays made on the host (weights
+# drawn from NumPy's RNG, fixed tables, token ids) and be.to_host for what Python must read.
+
+def _same(array):
+    return array
+
 
 class Backend:
-    def __init__(self, name: str, ops, xp):
+    def __init__(self, name: str, ops, xp, *, to_device=None, to_host=None):
         self.name, self.ops, self.xp = name, ops, xp
+        self.to_device = _same if to_device is None else to_device  # NumPy array -> backend array
+        self.to_host = _same if to_host is None else to_host  # backend array -> NumPy array
 
     def __repr__(self):
         return f"Backend({self.name!r})"
@@ -32,8 +42,28 @@ class Backend:
 BACKENDS = ("numpy", "cpu", "cuda")
 
 
+def _cuda_backend() -> Backend:
+    """The CUDA core: CuPy arrays on the GPU. Needs CuPy and a CUDA build of llmcore that sees a GPU."""
+    from . import _backend, ops
+
+    problems = []
+    try:
+        import cupy
+    except ImportError as exc:
+        problems.append(f'CuPy is not installed ({exc}); install it with: pip install "llmcore[cuda]"')
+    if not _backend.cuda_available():
+        problems.append((_backend._cuda_error + "; reinstall llmcore on a machine where nvcc is found")
+                        if _backend._cuda_error else
+                        "llmcore's CUDA core sees no GPU (check nvidia-smi, the driver and CUDA_VISIBLE_DEVICES)")
+    if problems:
+        raise RuntimeError("backend 'cuda' is not available: " + "; ".join(problems)
+                           + ". Use backend 'cpu' (--device cpu: the compiled CPU core) or 'numpy' (the reference).")
+    return Backend("cuda", ops, cupy, to_device=cupy.asarray, to_host=cupy.asnumpy)
+
+
 def get_backend(name: str) -> Backend:
-    """The Backend called `name`: "numpy" (NumPy reference), "cpu" (compiled core) or "cuda"."""
+    """The Backend called `name`: "numpy" (NumPy reference), "cpu" (compiled core) or "cuda"
+    (the CUDA core on CuPy arrays; RuntimeError saying what is missing where it cannot run)."""
     if isinstance(name, Backend):
         return name
     if name == "numpy":
@@ -45,21 +75,27 @@ def get_backend(name: str) -> Backend:
 
         return Backend("cpu", ops, np)
     if name == "cuda":
-        raise RuntimeError("backend 'cuda': the model does not run on the CUDA core yet "
-                           "(use backend 'cpu' for the compiled CPU core or 'numpy' for the reference)")
+        return _cuda_backend()
     raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")
+
+
+def array_module(x):
+    """numpy or cupy: the module that made the array x."""
+    from .ops._checks import array_module
+
+    return array_module(x)
 
 
 # ----------------------------------------------------------------------------------------------
 
 class Parameter:
-    """A trainable array and the gradient that backward passes accumulate into it."""
+    """A trainable array and the gradient that backward passes accumulate into it (same device)."""
 
     __slots__ = ("data", "grad")
 
     def __init__(self, data):
         self.data = data
-        self.grad = np.zeros_like(data)
+        self.grad = array_module(data).zeros_like(data)
 
     def __repr__(self):
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
@@ -98,7 +134,7 @@ class Embedding(Module):
 
     def __init__(self, be, num, dim, *, rng, dtype, std=0.02):
         self.be = be
-        self.weight = Parameter(_normal(rng, (num, dim), std, dtype))
+        self.weight = Parameter(be.to_device(_normal(rng, (num, dim), std, dtype)))
 
     def forward(self, ids):
         self.ids = ids  # (B, T)
@@ -114,8 +150,10 @@ class Linear(Module):
 
     def __init__(self, be, d_in, d_out, *, rng, dtype, bias=False, std=0.02, weight=None):
         self.be = be
-        self.weight = weight if weight is not None else Parameter(_normal(rng, (d_out, d_in), std, dtype))
-        self.bias = Parameter(np.zeros(d_out, dtype=dtype)) if bias else None
+        if weight is None:
+            weight = Parameter(be.to_device(_normal(rng, (d_out, d_in), std, dtype)))
+        self.weight = weight
+        self.bias = Parameter(be.to_device(np.zeros(d_out, dtype=dtype))) if bias else None
 
     def forward(self, x):
         self.x = x  # (..., in)
@@ -132,7 +170,7 @@ class Linear(Module):
 class RMSNorm(Module):
     def __init__(self, be, dim, *, dtype, eps=1e-5):
         self.be, self.eps = be, eps
-        self.weight = Parameter(np.ones(dim, dtype=dtype))
+        self.weight = Parameter(be.to_device(np.ones(dim, dtype=dtype)))
 
     def forward(self, x):
         y, self.rstd = self.be.ops.rmsnorm(x, self.weight.data, self.eps)
@@ -148,8 +186,8 @@ class RMSNorm(Module):
 class LayerNorm(Module):
     def __init__(self, be, dim, *, dtype, eps=1e-5):
         self.be, self.eps = be, eps
-        self.weight = Parameter(np.ones(dim, dtype=dtype))
-        self.bias = Parameter(np.zeros(dim, dtype=dtype))
+        self.weight = Parameter(be.to_device(np.ones(dim, dtype=dtype)))
+        self.bias = Parameter(be.to_device(np.zeros(dim, dtype=dtype)))
 
     def forward(self, x):
         y, self.mean, self.rstd = self.be.ops.layernorm(x, self.weight.data, self.bias.data, self.eps)
@@ -195,10 +233,13 @@ class CausalSelfAttention(Module):
         # GPT-2's scaled init of the projections into the residual stream: 1/sqrt(2 * n_layer).
         self.c_proj = Linear(be, cfg.n_head * self.head_dim, cfg.d_model, rng=rng, dtype=dtype,
                              bias=cfg.bias, std=0.02 / np.sqrt(2 * cfg.n_layer))
+        # Fixed tables live on the backend's device, next to the activations they meet.
         self.rope = None
         if cfg.pos == "rope":
-            self.rope = positions.rope_tables(cfg.seq_len, self.head_dim, dtype=dtype)
-        self.alibi_slopes = positions.alibi_slopes(cfg.n_head, dtype=dtype) if cfg.pos == "alibi" else None
+            self.rope = be.to_device(positions.rope_tables(cfg.seq_len, self.head_dim, dtype=dtype))
+        self.alibi_slopes = None
+        if cfg.pos == "alibi":
+            self.alibi_slopes = be.to_device(positions.alibi_slopes(cfg.n_head, dtype=dtype))
 
     def forward(self, x, cache=None, start=0):
         """x (B, T, C). With a KVCache, x holds the tokens at positions start..start+T-1 and attends
@@ -265,8 +306,8 @@ class MLP(Module):
         if self.act == "gelu":
             dh = self.be.ops.gelu_backward(da, self.h)
         else:
-            da[self.h <= 0] = 0
-            dh = da
+            # (where, not da[h <= 0] = 0: CuPy's boolean-mask assignment waits for the GPU)
+            dh = self.be.xp.where(self.h > 0, da, da.dtype.type(0))
         return self.c_fc.backward(dh)
 
 

@@ -18,12 +18,16 @@ class AdamW:
     def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, backend=None):
         self.params = dict(params)
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        if backend is None:  # the compiled core for float32, the reference for float64
+        if backend is None:  # where the parameters live: the compiled core for float32, the reference for float64
             dtypes = {p.data.dtype for p in self.params.values()}
-            backend = "cpu" if dtypes <= {np.dtype(np.float32)} else "numpy"
+            if any(nn.array_module(p.data) is not np for p in self.params.values()):
+                backend = "cuda"
+            else:
+                backend = "cpu" if dtypes <= {np.dtype(np.float32)} else "numpy"
         self.be = nn.get_backend(backend)
-        self.m = {k: np.zeros_like(p.data) for k, p in self.params.items()}
-        self.v = {k: np.zeros_like(p.data) for k, p in self.params.items()}
+        xp = self.be.xp  # the moments live beside the parameters (on the GPU for "cuda")
+        self.m = {k: xp.zeros_like(p.data) for k, p in self.params.items()}
+        self.v = {k: xp.zeros_like(p.data) for k, p in self.params.items()}
         self.step_count = 0
 
     def step(self, lr=None):
@@ -37,7 +41,8 @@ class AdamW:
                                    step=self.step_count)
 
     def state_arrays(self) -> dict:
-        """The moments as flat name -> array (for safetensors); the step count goes with the JSON."""
+        """The moments as flat name -> array on the backend's device (checkpoints copy them with
+        be.to_host, for safetensors); the step count goes with the JSON."""
         out = {f"m.{k}": a for k, a in self.m.items()}
         out.update({f"v.{k}": a for k, a in self.v.items()})
         return out
@@ -48,7 +53,7 @@ class AdamW:
                 key = f"{kind}.{k}"
                 if key not in arrays or arrays[key].shape != store[k].shape:
                     raise ValueError(f"optimizer state: {key!r} is missing or has the wrong shape")
-                store[k][...] = arrays[key]
+                store[k][...] = self.be.to_device(arrays[key])  # host (safetensors) -> device
         self.step_count = int(step_count)
 
 
@@ -65,12 +70,16 @@ def lr_schedule(step: int, *, max_lr: float, min_lr: float, warmup: int, total: 
 
 def clip_grad_norm(params: dict, max_norm: float) -> float:
     """Scales every gradient by min(1, max_norm / global_norm); returns the norm before clipping
-    (inf or NaN when a gradient is not finite, which the training loop treats as a failure)."""
+    (inf or NaN when a gradient is not finite, which the training loop treats as a failure).
+
+    Gradients may be NumPy or CuPy arrays: the squares are summed where the gradients live, in
+    float64 across parameters, and only the total comes back to the host (one GPU sync)."""
     total = 0.0
     for p in params.values():
         g = p.grad.reshape(-1)
-        total += float(np.dot(g, g))  # one BLAS dot per parameter, no temporary g*g array
-    norm = math.sqrt(total)
+        xp = nn.array_module(g)
+        total = total + xp.dot(g, g).astype(np.float64)  # one BLAS dot per parameter, no g*g temporary
+    norm = math.sqrt(float(total))
     if max_norm is not None and max_norm > 0 and norm > max_norm and math.isfinite(norm):
         scale = max_norm / (norm + 1e-6)
         for p in params.values():

@@ -3,6 +3,7 @@
     llmcore train                          # the "cpu" preset on the bundled Shakespeare
     llmcore train --preset tiny --data my.txt --steps 50 --out runs/tiny
     llmcore train --out runs/tiny --resume # continue a run from its last checkpoint
+    llmcore train --preset gpu-gpt2 --device cuda --matmul-precision high   # GPT-2 124M on a GPU
 
 Files under --out: checkpoint/ (checkpoint.py), metrics.jsonl (one JSON object per logged step),
 loss.png (when matplotlib is installed).
@@ -17,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt
-from . import data
+from . import data, nn
+from .ops import get_matmul_precision, set_matmul_precision
+from .ops.matmul import MATMUL_PRECISIONS
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm, lr_schedule
 from .tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
@@ -47,7 +50,12 @@ PRESETS = {
 # Settings every preset shares unless it says otherwise.
 DEFAULTS = dict(tokenizer="char", bpe_vocab_size=1024, min_lr_ratio=0.1, weight_decay=0.1,
                 beta1=0.9, beta2=0.95, grad_clip=1.0, log_interval=10, seed=1337, device="cpu",
-                pos="rope", norm="rmsnorm", act="gelu", temperature=0.8)
+                pos="rope", norm="rmsnorm", act="gelu", temperature=0.8,
+                matmul_precision=None)  # None: "high" (TF32) on cuda; CPU matmuls are always fp32
+
+# The matmul precision a cuda run uses unless told otherwise: TF32 tensor cores, as nanoGPT and
+# llm.c train GPT-2 (torch.set_float32_matmul_precision("high")).
+CUDA_MATMUL_PRECISION = "high"
 
 BPE_TRAIN_CHARS = 2_000_000  # BPE merges are learned on the first 2 MB of the training text
 
@@ -131,8 +139,41 @@ def plot_losses(rows, path: Path) -> str:
     return f"loss curve: {path}"
 
 
+def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
+    """6N + 12·L·C·T (DESIGN.md): the matmul FLOPs of one forward and backward pass per token."""
+    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
+
+
+def _apply_matmul_precision(s, log) -> str:
+    """Sets the GPU matmul precision of a cuda run; returns a few words for the model line."""
+    want = s.get("matmul_precision")
+    if want is not None and want not in MATMUL_PRECISIONS:
+        raise ValueError(f"--matmul-precision: expected one of {list(MATMUL_PRECISIONS)}, got {want!r}")
+    if s["device"] != "cuda":
+        if want is not None:
+            log(f"note: --matmul-precision {want} applies to --device cuda only; ignored on "
+                f"{s['device']}, whose matmuls are always float32")
+        return ""
+    precision = want or CUDA_MATMUL_PRECISION
+    set_matmul_precision(precision)
+    return f", matmul precision {precision} ({MATMUL_PRECISIONS[precision]})"
+
+
 def train(preset="cpu", out="out", resume=False, log=print, **overrides) -> int:
-    """Runs (or resumes) training; returns a process exit code (0 ok, 1 stopped on a bad loss)."""
+    """Runs (or resumes) training; returns a process exit code (0 ok, 1 stopped on a bad loss).
+
+    device "cpu" (default), "numpy" or "cuda" (the model, its gradients and AdamW's moments on the
+    GPU as CuPy arrays). A cuda run sets llmcore.ops.set_matmul_precision to matmul_precision
+    ("high", TF32, unless given) and restores the previous setting when it ends."""
+    before = get_matmul_precision()
+    try:
+        return _train(preset, out, resume, log, **overrides)
+    finally:
+        if get_matmul_precision() != before:
+            set_matmul_precision(before)
+
+
+def _train(preset, out, resume, log, **overrides) -> int:
     from tqdm import tqdm
 
     out = Path(out)
@@ -141,7 +182,7 @@ def train(preset="cpu", out="out", resume=False, log=print, **overrides) -> int:
         state_meta, model_arrays, opt_arrays = ckpt.load(out)
         s = dict(state_meta["train"])
         for key in ("steps", "device", "eval_interval", "ckpt_interval", "eval_batches", "log_interval",
-                    "sample_tokens"):
+                    "sample_tokens", "matmul_precision"):
             if overrides.get(key) is not None:
                 s[key] = overrides[key]
         if overrides.get("data") is not None:
@@ -154,6 +195,7 @@ def train(preset="cpu", out="out", resume=False, log=print, **overrides) -> int:
         s = resolve_settings(preset, overrides)
         s["data"] = None if overrides.get("data") is None else str(Path(overrides["data"]).resolve())
 
+    be = nn.get_backend(s["device"])  # before the data: "cuda" without CuPy or a GPU fails at once
     t0 = time.time()
     docs = data.load_documents(s["data"])
     train_text, val_text = data.split_documents(docs)
@@ -175,10 +217,11 @@ def train(preset="cpu", out="out", resume=False, log=print, **overrides) -> int:
         f"{len(val_tokens):,} validation tokens ({tok.kind} tokenizer, vocabulary {tok.vocab_size}); "
         f"prepared in {time.time() - t0:.1f}s")
 
-    model = GPT(cfg, backend=s["device"], seed=s["seed"])
+    model = GPT(cfg, backend=be, seed=s["seed"])
+    precision_note = _apply_matmul_precision(s, log)
     params = model.parameters()
     opt = AdamW(params, lr=s["lr"], betas=(s["beta1"], s["beta2"]), weight_decay=s["weight_decay"],
-                backend=s["device"])
+                backend=be)
     rng = np.random.default_rng(s["seed"])
     step, elapsed_before = 0, 0.0
     if state_meta is not None:
@@ -189,7 +232,8 @@ def train(preset="cpu", out="out", resume=False, log=print, **overrides) -> int:
         log(f"resumed from {ckpt.find(out)} at step {step}")
     log(f"model: {model.num_params():,} parameters, {cfg.n_layer} layers, d_model {cfg.d_model}, "
         f"{cfg.n_head} heads ({cfg.n_kv_head} K/V), seq_len {cfg.seq_len}, {cfg.pos}, {cfg.norm}, "
-        f"{cfg.act}; backend {model.backend}")
+        f"{cfg.act}; backend {model.backend}{precision_note}")
+    fpt = flops_per_token(cfg, model.num_params())
 
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -198,7 +242,8 @@ def train(preset="cpu", out="out", resume=False, log=print, **overrides) -> int:
     metrics = open(metrics_path, "a")
 
     def save_checkpoint():
-        ckpt.save(out, {k: p.data for k, p in params.items()}, opt.state_arrays(), {
+        ckpt.save(out, {k: be.to_host(p.data) for k, p in params.items()},
+                  {k: be.to_host(a) for k, a in opt.state_arrays().items()}, {
             "step": step, "optimizer_step": opt.step_count, "rng": rng.bit_generator.state,
             "elapsed": elapsed_before + time.time() - t_start, "config": cfg.to_dict(),
             "tokenizer": tok.to_dict(), "train": s})
@@ -215,9 +260,12 @@ def train(preset="cpu", out="out", resume=False, log=print, **overrides) -> int:
     min_lr = s["lr"] * s["min_lr_ratio"]
     t_start = time.time()
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, mininterval=0.5)
-    t_last, step_last, last_val = time.time(), step, None
+    # Throughput counts the training steps only (not evaluation, checkpoints or sampling). On cuda
+    # each step waits for the GPU twice (float(loss), the gradient norm), so the clock is honest.
+    step_first, train_time, train_time_last, step_last, last_val = step, 0.0, 0.0, step, None
     try:
         while step < total:
+            t_step = time.perf_counter()
             lr = lr_schedule(step, max_lr=s["lr"], min_lr=min_lr, warmup=s["warmup"], total=total)
             x, y = data.get_batch(train_tokens, B, T, rng)
             _, loss = model.forward(x, y)
@@ -237,14 +285,15 @@ def train(preset="cpu", out="out", resume=False, log=print, **overrides) -> int:
                 log(f"error: the {what} at step {step + 1}: stopping. {kept} Try a lower --lr.")
                 return 1
             opt.step(lr)
+            train_time += time.perf_counter() - t_step
             step += 1
             bar.update(1)
             if step % s["log_interval"] == 0 or step == total:
                 now = time.time()
-                tok_s = (step - step_last) * B * T / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
+                tok_s = (step - step_last) * B * T / max(train_time - train_time_last, 1e-9)
+                train_time_last, step_last = train_time, step
                 row = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s,
-                       "elapsed": elapsed_before + now - t_start}
+                       "model_tflops": tok_s * fpt / 1e12, "elapsed": elapsed_before + now - t_start}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()  # on disk before any checkpoint that covers it
                 rows.append(row)
@@ -261,6 +310,10 @@ def train(preset="cpu", out="out", resume=False, log=print, **overrides) -> int:
     wall = time.time() - t_start
     log(f"trained to step {step} in {wall:.1f}s this run ({elapsed_before + wall:.1f}s in all); "
         f"checkpoint: {out / ckpt.NAME}")
+    if step > step_first:
+        tok_s = (step - step_first) * B * T / max(train_time, 1e-9)
+        log(f"throughput: {tok_s:,.0f} tokens/s on {model.backend} "
+            f"({tok_s * fpt / 1e12:.2f} TFLOP/s of model matmuls, 6N + 12·L·C·T = {fpt / 1e9:.3g} GFLOP/token)")
     if last_val is not None:
         log(f"final validation loss: {last_val:.4f}")
     log(plot_losses(rows, out / "loss.png"))

@@ -18,18 +18,20 @@ import numpy as np
 from . import _checks as chk
 
 
-def _head_view(name: str, x) -> np.ndarray:
+def _head_view(name: str, x):
     """A float32 (B, L, heads, D) array whose last axis is contiguous, returned as is (no copy)."""
     x = chk.float_array(name, x, 4, contiguous=False)
     if x.size == 0:  # nothing is read (NumPy gives empty arrays zero strides)
         return x
+    if any(st < 0 for st in x.strides):  # a reversed view: the kernels walk memory forwards
+        x = x.copy()
     if x.shape[3] > 1 and x.strides[3] != x.itemsize:
         raise ValueError(
             f"{name}: the last axis (D) must be contiguous, got strides {x.strides} for shape "
             f"{x.shape}; pass np.ascontiguousarray({name}) or a view that keeps D contiguous")
     if any(st % x.itemsize for st in x.strides):
         raise ValueError(f"{name}: strides must be whole float32 elements, got {x.strides}")
-    if not x.flags.aligned:  # a view at an odd byte offset: the kernel reads whole floats
+    if not chk.is_cupy(x) and not x.flags.aligned:  # a view at an odd byte offset: the kernel reads whole floats
         x = x.copy()
     return x
 
@@ -84,7 +86,8 @@ def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None):
     mod = chk.backend(q, k, v)
     if q.size == 0:  # no queries (B, T or H is 0): nothing to compute
         B, T, H, _ = q.shape
-        return np.zeros(q.shape, np.float32), np.zeros((B, H, T), np.float32)
+        xp = chk.array_module(q)
+        return xp.zeros(q.shape, np.float32), xp.zeros((B, H, T), np.float32)
     return mod.attention_forward(q, k, v, causal, scale, alibi_slopes)
 
 
@@ -104,6 +107,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alib
     chk.same_shape("lse", lse, (B, H, T), "(B, H, T) from q's shape")
     mod = chk.backend(dout, q, k, v, out, lse)
     if q.size == 0 or k.size == 0:  # no queries or no batch: every gradient is an empty sum
-        return (np.zeros(q.shape, np.float32), np.zeros(k.shape, np.float32),
-                np.zeros(v.shape, np.float32))
+        xp = chk.array_module(q)
+        return (xp.zeros(q.shape, np.float32), xp.zeros(k.shape, np.float32),
+                xp.zeros(v.shape, np.float32))
     return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
-
 from . import _checks as chk
 
 
 def _check_ids(ids, vocab_size: int):
     ids = chk.int_array("ids", ids)
+    if chk.is_cupy(ids):  # llmcore._cuda checks on the device (one wait instead of two)
+        return ids
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
-        flat = int(np.argmax(bad.reshape(-1)))
+        flat = chk.first_true(bad)
         raise ValueError(f"ids: value {int(ids.reshape(-1)[flat])} at flat index {flat} is outside [0, {vocab_size})")
     return ids
 

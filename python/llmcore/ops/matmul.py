@@ -1,8 +1,6 @@
 """matmul, linear and linear_backward: the GEMM in csrc/matmul.cpp."""
 from __future__ import annotations
 
-import numpy as np
-
 from . import _checks as chk
 
 
@@ -11,7 +9,7 @@ def _operand(name: str, x, transpose: bool):
     chk.float_array(name, x, (2, None), contiguous=False)
     if not x.flags.c_contiguous and x.ndim == 2 and x.T.flags.c_contiguous:
         return x.T, not transpose  # x is the transpose of a C-contiguous array: flip the flag
-    return np.ascontiguousarray(x), transpose
+    return chk.array_module(x).ascontiguousarray(x), transpose
 
 
 def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
@@ -56,3 +54,32 @@ def linear_backward(dy, x, weight, *, has_bias: bool = False):
     dy = chk.float_array("dy", dy)
     chk.same_shape("dy", dy, x.shape[:-1] + (weight.shape[0],), "x's shape with out_features last")
     return chk.backend(dy, x, weight).linear_backward(dy, x, weight, bool(has_bias))
+
+
+# How CuPy matmuls use the tensor cores; the names and meanings of torch.set_float32_matmul_precision.
+# Storage stays float32 in every mode (CuPy has no bfloat16): operands are rounded as the kernel
+# stages them, products are accumulated in float32. CPU matmuls always compute in float32.
+MATMUL_PRECISIONS = {
+    "highest": "float32 on the CUDA cores (exact fp32, the default)",
+    "high": "TF32 tensor cores (10-bit mantissa operands), fp32 accumulation",
+    "medium": "bfloat16 tensor cores (7-bit mantissa operands), fp32 accumulation",
+}
+_matmul_precision = "highest"
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Sets how matmul, linear and linear_backward on CuPy arrays use the GPU's tensor cores:
+    'highest' (fp32), 'high' (tf32) or 'medium' (bf16), as torch.set_float32_matmul_precision."""
+    global _matmul_precision
+    chk.choice("precision", precision, MATMUL_PRECISIONS)
+    from .._backend import _load_cuda
+
+    mod = _load_cuda()
+    if mod is not None:
+        mod.set_matmul_precision(precision)
+    _matmul_precision = precision
+
+
+def get_matmul_precision() -> str:
+    """The current setting of set_matmul_precision."""
+    return _matmul_precision
