@@ -13,16 +13,25 @@
 // K/V traffic, and decoding (T = 1) still fills a tile with the G heads' rows. With G = 1 the rows
 // are plain query positions. Query i sits at key position pos = S - T + i; causal hides key j > pos.
 //
-// Thread tiles. A block of 4*BQ threads is BQ/4 row groups (ty) x 16 column groups (tx); a warp
-// holds two row groups, so the 16 threads sharing a row are 16 consecutive lanes and row
-// reductions are 4 xor-shuffles. Every product is a register tile of 4 rows per thread:
+// Thread tiles. A block is BQ/RT row groups (ty) x 16 column groups (tx), RT = 4 rows per thread
+// (8 in the forward at DP = 128, see forward_rows_per_thread); a warp holds two row groups, so
+// the 16 threads sharing a row are 16 consecutive lanes and row reductions are 4 xor-shuffles.
+// Every product is a register tile of RT rows per thread:
 //   scores (BQ x BK): rows ty*4..ty*4+3, keys tx + 16*jj        (strided: conflict-free K reads)
 //   output (BQ x DP): rows ty*4..ty*4+3, columns c*16*VW + tx*VW + u (runs of VW = 4 floats)
+// (with RT = 8 also rows 32 + ty*4..ty*4+3).
 // Shared tiles are row-major with 4 floats of padding per row (row stride = 4 mod 32 banks): the
 // float4 reads of 8 different rows (a quarter warp) hit 8 different bank quads, and the two row
 // groups of a warp read rows 4 apart, which land 16 banks apart. The head dimension is padded to
 // DP in {32, 64, 128, 256} with zeros in shared memory (never read or written past D in global
-// memory), so one kernel per DP serves every D in (DP/2, DP].
+// memory): D <= 32 runs the DP = 32 kernels, 33..64 the DP = 64 ones, and so on.
+//
+// Instances (rows x keys per tile, threads; shared memory at DP = 32 / 64 / 128 / 256):
+//   forward, > 32 packed rows   64 x 64 (DP <= 64) or 64 x 32, 256 threads
+//                               (128 threads x 8 rows at DP = 128);        45 / 69 / 76 / 140 KiB
+//   forward, <= 32 (decoding)   16 x 32, 64 threads;                        14 / 24 / 44 / 84 KiB
+//   backward                    64 x 64, 256 threads (DP <= 64)            71 / 103 KiB
+//                               32 x 32, 128 threads (DP >= 128)           76 / 140 KiB
 //
 // Loads use cp.async (sm_80+): 16-byte copies when the host has checked that every row start is
 // 16-byte aligned and D % 4 == 0, else 4-byte copies; rows past the end and columns past D are
@@ -36,10 +45,11 @@
 //   out = O / l, lse = m + log(l).
 // A row whose every score so far is -inf (a fully masked tile) uses 0 instead of m as the
 // exponent's reference, so exp(-inf - ref) = 0 and nothing computes (-inf) - (-inf).
-// Split-KV (decoding, small batches): when the blocks above would not fill the GPU, the key
-// tiles of a query tile are split over nsplit blocks, each writing its unnormalised (O, m, l) to
-// the workspace; a combine kernel (a warp per row) rescales and sums them. Decoding also uses a
-// small tile (16 rows, 32 keys, 64 threads) so that one query row wastes little work.
+// Split-KV (decoding, small batches): when the blocks above would be fewer than two per SM, the
+// key tiles of a query tile are split over nsplit blocks (about four blocks per SM, at least two
+// key tiles per split, at most 64 splits), each writing its unnormalised (O, m, l) to the
+// workspace; a combine kernel (a warp per row) rescales and sums them. Decoding also uses the
+// small tile (16 rows, 32 keys, 64 threads) so that one query row per head wastes little work.
 //
 // Backward, FlashAttention-2: delta_i = dout_i . out_i (a warp per row, into the workspace), then
 // one block per (key tile, batch x kv head, query split), square BB x BB tiles:
@@ -53,8 +63,9 @@
 //   dq is zeroed first (cudaMemsetAsync) and collects every key tile's share with atomics, as in
 //   FlashAttention-2: no second pass recomputing S and dP, at the price of a non-deterministic
 //   summation order in dq. dk, dv are written once by their block (every key row, zero where no
-//   query sees it), except when a small problem splits the query tiles of a key tile over
-//   several blocks: then dk, dv are zeroed and also collected with atomics.
+//   query sees it), except when a small problem (fewer than two blocks per SM) splits the query
+//   tiles of a key tile over several blocks: then dk, dv are zeroed and also collected with
+//   atomics.
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -245,25 +256,46 @@ constexpr size_t forward_smem_bytes() {
     return sizeof(float) * ((size_t)(BQ + 2 * BK) * (DP + 4) + (size_t)BQ * (BK + 4) + 2 * BQ);
 }
 
-// Blocks per SM the register allocation must allow. 256-thread tiles: two (128 registers each)
-// where shared memory fits two (DP <= 128); at DP = 256 (139 KiB) one fits, so it may use all
-// 255 registers instead of spilling. 64-thread decoding tiles: eight up to DP = 64 (the kernel
-// is memory-bound and needs many blocks in flight); above, shared memory limits them anyway.
+// Rows per thread RT: 4, or 8 where a 4 x BK/16 score tile would make the S = Q K^T loop wait
+// on shared memory. At DP = 128 (64 x 32 tiles) a warp's float4 step is 4 Q loads (one
+// wavefront each, broadcast) + 2 K loads (two each) for 32 FMAs: shared memory saturates when
+// the FMA pipes do. With 8 rows it is 8 + 4 wavefronts for 64 FMAs.
 template <int BQ, int DP>
-constexpr int forward_min_blocks() {
+__host__ __device__ constexpr int forward_rows_per_thread() {
+    return BQ == 64 && DP == 128 ? 8 : 4;
+}
+
+// Blocks per SM the register allocation must allow. 64-row tiles: two where shared memory fits
+// two (DP <= 128); at DP = 256 (139 KiB) one fits, so it may use all 255 registers instead of
+// spilling. 64-thread decoding tiles: eight up to DP = 64 (the kernel is memory-bound and needs
+// many blocks in flight); above, shared memory limits them anyway.
+template <int BQ, int DP>
+__host__ __device__ constexpr int forward_min_blocks() {
     return BQ == 64 ? (DP <= 128 ? 2 : 1) : (DP <= 64 ? 8 : 1);
 }
 
 template <int BQ, int BK, int DP>
-__global__ void __launch_bounds__(4 * BQ, forward_min_blocks<BQ, DP>())
+__host__ __device__ constexpr int forward_threads() {
+    return BQ / forward_rows_per_thread<BQ, DP>() * 16;
+}
+
+template <int BQ, int BK, int DP>
+__global__ void __launch_bounds__(forward_threads<BQ, BK, DP>(), forward_min_blocks<BQ, DP>())
     attention_forward_kernel(const FwdParams p) {
-    constexpr int NT = 4 * BQ;           // BQ/4 row groups x 16 column groups
+    constexpr int RT = forward_rows_per_thread<BQ, DP>();  // rows per thread: RT/4 quads
+    constexpr int NTY = BQ / RT;         // row groups
+    constexpr int NT = NTY * 16;         // NTY row groups x 16 column groups
     constexpr int NJ = BK / 16;          // score columns per thread: keys tx + 16*jj
     constexpr int OW = DP / 16;          // output columns per thread ...
     constexpr int VW = OW < 4 ? OW : 4;  // ... in NC runs of VW contiguous floats
     constexpr int NC = OW / VW;
     constexpr int LD = DP + 4, LDP = BK + 4;
-    static_assert(BQ % 8 == 0 && BK % 16 == 0 && DP % 32 == 0, "tile shape");
+    static_assert(BQ % (2 * RT) == 0 && RT % 4 == 0 && BK % 16 == 0 && DP % 32 == 0, "tile shape");
+    // Row ii of this thread: quad ii/4 of the tile's RT/4 horizontal bands, row ii%4 of the
+    // thread's quad in it. With RT = 4 that is simply ty*4 + ii; with RT = 8, rows ty*4 + (0..3)
+    // and 32 + ty*4 + (0..3). Either way the two row groups of a warp read rows 4 apart (16
+    // banks apart), as the header describes.
+    auto row_of = [](int ty, int ii) { return (ii / 4) * (4 * NTY) + ty * 4 + ii % 4; };
 
     extern __shared__ float4 smem4[];
     float* Qs = reinterpret_cast<float*>(smem4);  // (BQ, LD)  query rows
@@ -297,10 +329,10 @@ __global__ void __launch_bounds__(4 * BQ, forward_min_blocks<BQ, DP>())
     // Key position and ALiBi slope of every row, in shared memory rather than registers (read
     // once per key tile; published by the loop's first barrier). Padding rows borrow the last
     // real row: they compute like it and are never written out.
-    if (tid < BQ) {
-        const int R = imin(R0 + tid, GT - 1);
-        Pos[tid] = off + R / G;
-        Slp[tid] = p.alibi ? p.alibi[hk * G + R % G] : 0.0f;
+    for (int r = tid; r < BQ; r += NT) {
+        const int R = imin(R0 + r, GT - 1);
+        Pos[r] = off + R / G;
+        Slp[r] = p.alibi ? p.alibi[hk * G + R % G] : 0.0f;
     }
 
     const float* qb = p.q + (int64_t)b * p.qs[0];
@@ -318,9 +350,9 @@ __global__ void __launch_bounds__(4 * BQ, forward_min_blocks<BQ, DP>())
         };
     };
 
-    float m[4], l[4], acc[4][OW];  // running max, this thread's part of the sum, O
+    float m[RT], l[RT], acc[RT][OW];  // running max, this thread's part of the sum, O
 #pragma unroll
-    for (int ii = 0; ii < 4; ++ii) {
+    for (int ii = 0; ii < RT; ++ii) {
         m[ii] = -INFINITY;
         l[ii] = 0.0f;
 #pragma unroll
@@ -340,21 +372,21 @@ __global__ void __launch_bounds__(4 * BQ, forward_min_blocks<BQ, DP>())
         stage_rows<BK, DP, NT>(Vs, key_rows(vb, p.vs[1], j0), D, p.vec_in, p.v);
         cp_async_commit();
 
-        // S (4 x NJ per thread) = Q K^T over the padded head dimension.
-        float s[4][NJ];
+        // S (RT x NJ per thread) = Q K^T over the padded head dimension.
+        float s[RT][NJ];
 #pragma unroll
-        for (int ii = 0; ii < 4; ++ii)
+        for (int ii = 0; ii < RT; ++ii)
 #pragma unroll
             for (int jj = 0; jj < NJ; ++jj) s[ii][jj] = 0.0f;
 #pragma unroll 8
         for (int d = 0; d < DP; d += 4) {
-            float qv[4][4], kv[NJ][4];
+            float qv[RT][4], kv[NJ][4];
 #pragma unroll
-            for (int ii = 0; ii < 4; ++ii) ld4(qv[ii], Qs + (ty * 4 + ii) * LD + d);
+            for (int ii = 0; ii < RT; ++ii) ld4(qv[ii], Qs + row_of(ty, ii) * LD + d);
 #pragma unroll
             for (int jj = 0; jj < NJ; ++jj) ld4(kv[jj], Ks + (tx + 16 * jj) * LD + d);
 #pragma unroll
-            for (int ii = 0; ii < 4; ++ii)
+            for (int ii = 0; ii < RT; ++ii)
 #pragma unroll
                 for (int jj = 0; jj < NJ; ++jj)
 #pragma unroll
@@ -364,9 +396,9 @@ __global__ void __launch_bounds__(4 * BQ, forward_min_blocks<BQ, DP>())
         // Scale, ALiBi and the mask (keys past S, and past the row's position when causal), then
         // the online softmax. The mask is a select, so garbage never leaks through arithmetic.
 #pragma unroll
-        for (int ii = 0; ii < 4; ++ii) {
-            const int pos = Pos[ty * 4 + ii];
-            const float slope = Slp[ty * 4 + ii];
+        for (int ii = 0; ii < RT; ++ii) {
+            const int pos = Pos[row_of(ty, ii)];
+            const float slope = Slp[row_of(ty, ii)];
             float mx = -INFINITY;
 #pragma unroll
             for (int jj = 0; jj < NJ; ++jj) {
@@ -388,7 +420,7 @@ __global__ void __launch_bounds__(4 * BQ, forward_min_blocks<BQ, DP>())
             for (int jj = 0; jj < NJ; ++jj) {
                 const float e = expf(s[ii][jj] - ref);
                 l[ii] += e;
-                Ps[(ty * 4 + ii) * LDP + tx + 16 * jj] = e;
+                Ps[row_of(ty, ii) * LDP + tx + 16 * jj] = e;
             }
         }
 
@@ -400,12 +432,12 @@ __global__ void __launch_bounds__(4 * BQ, forward_min_blocks<BQ, DP>())
             cp_async_commit();
         }
 
-        // O (4 x OW per thread) += P V.
+        // O (RT x OW per thread) += P V.
 #pragma unroll 4
         for (int j = 0; j < BK; j += 4) {
-            float pr[4][4];
+            float pr[RT][4];
 #pragma unroll
-            for (int ii = 0; ii < 4; ++ii) ld4(pr[ii], Ps + (ty * 4 + ii) * LDP + j);
+            for (int ii = 0; ii < RT; ++ii) ld4(pr[ii], Ps + row_of(ty, ii) * LDP + j);
 #pragma unroll
             for (int x = 0; x < 4; ++x) {
 #pragma unroll
@@ -413,7 +445,7 @@ __global__ void __launch_bounds__(4 * BQ, forward_min_blocks<BQ, DP>())
                     float vv[VW];
                     ldv<VW>(vv, Vs + (j + x) * LD + c * 16 * VW + tx * VW);
 #pragma unroll
-                    for (int ii = 0; ii < 4; ++ii)
+                    for (int ii = 0; ii < RT; ++ii)
 #pragma unroll
                         for (int u = 0; u < VW; ++u)
                             acc[ii][c * VW + u] = fmaf(pr[ii][x], vv[u], acc[ii][c * VW + u]);
@@ -424,13 +456,13 @@ __global__ void __launch_bounds__(4 * BQ, forward_min_blocks<BQ, DP>())
 
     // Epilogue: the row sums (one shuffle reduction per row for the whole pass), then either the
     // normalised output and lse, or this split's partial (O, m, l) for the combine kernel.
-    float lt[4];
+    float lt[RT];
 #pragma unroll
-    for (int ii = 0; ii < 4; ++ii) lt[ii] = group16_sum(l[ii]);
+    for (int ii = 0; ii < RT; ++ii) lt[ii] = group16_sum(l[ii]);
     const int64_t rows_all = (int64_t)BHkv * GT;
 #pragma unroll
-    for (int ii = 0; ii < 4; ++ii) {
-        const int R = R0 + ty * 4 + ii;
+    for (int ii = 0; ii < RT; ++ii) {
+        const int R = R0 + row_of(ty, ii);
         if (R >= GT) continue;
         if (p.nsplit == 1) {
             const int i = R / G, h = hk * G + R % G;
@@ -902,7 +934,8 @@ void launch_forward(const FwdParams& p, const ForwardPlan& plan, cudaStream_t st
                      configured);
     const int64_t blocks = (int64_t)p.B * p.Hkv * plan.ntiles * plan.nsplit;
     if (blocks > INT_MAX) throw std::invalid_argument("attention_forward: too many blocks");
-    attention_forward_kernel<BQ, BK, DP><<<(unsigned)blocks, 4 * BQ, smem, stream>>>(p);
+    constexpr int threads = forward_threads<BQ, BK, DP>();
+    attention_forward_kernel<BQ, BK, DP><<<(unsigned)blocks, threads, smem, stream>>>(p);
     LLMCORE_CUDA_CHECK_LAUNCH();
 }
 

@@ -224,10 +224,10 @@ py::object matmul(const py::handle& a_obj, const py::handle& b_obj, bool trans_a
         py::gil_scoped_release nogil;
         if (shared_b && !trans_a)  // the batch folds into M: one large GEMM
             lc::gemm(c.data<float>(), a.data<float>(), b.data<float>(), nullptr, 1, batch * M, N, K, false,
-                     trans_b, 0, 0, 0, false, g_precision, stream);
+                     trans_b, 0, 0, 0, false, g_precision, nullptr, 0, stream);
         else
             lc::gemm(c.data<float>(), a.data<float>(), b.data<float>(), nullptr, batch, M, N, K, trans_a,
-                     trans_b, M * K, shared_b ? 0 : K * N, M * N, false, g_precision, stream);
+                     trans_b, M * K, shared_b ? 0 : K * N, M * N, false, g_precision, nullptr, 0, stream);
     }
     return c.owner;
 }
@@ -256,7 +256,7 @@ py::object linear(const py::handle& x_obj, const py::handle& w_obj, const py::ob
     if (y.size() > 0) {
         py::gil_scoped_release nogil;
         lc::gemm(y.data<float>(), x.data<float>(), w.data<float>(), pbias, 1, x.rows(), out, in, false, true,
-                 0, 0, 0, false, g_precision, stream);
+                 0, 0, 0, false, g_precision, nullptr, 0, stream);
     }
     return y.owner;
 }
@@ -269,6 +269,8 @@ py::tuple linear_backward(const py::handle& dy_obj, const py::handle& x_obj, con
     require_shape(dy, "dy", dy_shape);
     const int64_t rows = x.rows();
     DeviceArray dx = empty(x.shape), dw = empty({out, in});
+    const size_t dw_ws_bytes = lc::gemm_workspace_bytes(1, out, in, rows, true, false);
+    DeviceArray dw_ws = workspace(dw_ws_bytes);
     py::object db = py::none();
     float* pdb = nullptr;
     if (has_bias) {
@@ -282,11 +284,11 @@ py::tuple linear_backward(const py::handle& dy_obj, const py::handle& x_obj, con
         // dx (rows, in) = dy (rows, out) @ weight (out, in)
         if (dx.size() > 0)
             lc::gemm(dx.data<float>(), dy.data<float>(), w.data<float>(), nullptr, 1, rows, in, out, false, false,
-                     0, 0, 0, false, g_precision, stream);
-        // dweight (out, in) = dy^T (out, rows) @ x (rows, in)
+                     0, 0, 0, false, g_precision, nullptr, 0, stream);
+        // dweight (out, in) = dy^T (out, rows) @ x (rows, in), split over the rows when that fills the GPU
         if (dw.size() > 0)
             lc::gemm(dw.data<float>(), dy.data<float>(), x.data<float>(), nullptr, 1, out, in, rows, true, false,
-                     0, 0, 0, false, g_precision, stream);
+                     0, 0, 0, false, g_precision, dw_ws.data<void>(), dw_ws_bytes, stream);
         if (pdb && out > 0) lc::bias_backward(pdb, dy.data<float>(), rows, out, stream);
     }
     return py::make_tuple(dx.owner, dw.owner, db);

@@ -22,7 +22,8 @@
 // n of them) costs at most 32 rows of work per warp plus a short sum of partials, not n.
 //
 // Workspace (each piece 256-byte aligned):
-//   keys[2][n] uint32 (ids, then sorted), pos[2][n] int32 (0..n-1, then sorted)   CUB's double buffers
+//   keys[2][n] uint32 (the ids, then sorted), pos[2][n] int32 (0..n-1, then sorted): CUB's
+//     double buffers
 //   head[nchunks][C], tail[nchunks][C] float32, nchunks = ceil(n / 32)
 //   CUB's temporary storage
 // Needs n < 2^31 and V < 2^31 (32-bit sort keys and positions).
@@ -240,7 +241,8 @@ struct Workspace {
             return at;
         };
         const int64_t nchunks = ceil_div(n_ids, kChunk);
-        for (int i = 0; i < 2; ++i) keys[i] = reinterpret_cast<unsigned*>(take(n_ids * sizeof(unsigned)));
+        for (int i = 0; i < 2; ++i)
+            keys[i] = reinterpret_cast<unsigned*>(take(n_ids * sizeof(unsigned)));
         for (int i = 0; i < 2; ++i) pos[i] = reinterpret_cast<int*>(take(n_ids * sizeof(int)));
         head = reinterpret_cast<float*>(take((size_t)nchunks * C * sizeof(float)));
         tail = reinterpret_cast<float*>(take((size_t)nchunks * C * sizeof(float)));

@@ -33,10 +33,16 @@ enum class MatmulPrecision { FP32, TF32, BF16 };
 // op(A) is (M,K): A is stored (M,K) row-major, or (K,M) when trans_a. op(B) is (K,N): stored
 // (K,N), or (N,K) when trans_b. Batch strides in elements; 0 shares one matrix across the
 // batch. Any M, N, K >= 0 (K = 0 gives bias or zeros); pointers 4-byte aligned only.
+// With a workspace of gemm_workspace_bytes(...) (0 when the shape gains nothing from it), a
+// small output with a long K (a weight gradient: trans_a, not trans_b, batch 1) is split over K
+// into partial products summed in a fixed order: deterministic, and the GPU fills.
+size_t gemm_workspace_bytes(int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a,
+                            bool trans_b);
 void gemm(float* c, const float* a, const float* b, const float* bias, int64_t batch, int64_t M,
           int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t batch_stride_a,
           int64_t batch_stride_b, int64_t batch_stride_c, bool accumulate,
-          MatmulPrecision precision, cudaStream_t stream);
+          MatmulPrecision precision, void* workspace, size_t workspace_bytes,
+          cudaStream_t stream);
 // dbias[N] = sum over the M rows of dy (M,N); deterministic.
 void bias_backward(float* dbias, const float* dy, int64_t M, int64_t N, cudaStream_t stream);
 

@@ -1,39 +1,53 @@
 // matmul: C[b] = op(A[b]) @ op(B[b]) (+ bias) (+ C[b]) on the GPU in three precisions, and the
 // bias gradient of linear layers.
 //
-// Every kernel here computes one 128 x 128 tile of C per block (256 threads) while walking K in
+// Every kernel here computes one square tile of C per block (256 threads) while walking K in
 // steps of BK, with a multi-stage cp.async pipeline: tile kt+STAGES-1 is copied global -> shared
 // while tile kt is multiplied, so the copies hide behind the math.
 //
 //   for each (batch z, tile of C):          one block each: blockIdx.z (65535 per launch), blockIdx.x
 //     prologue: start the copies of K-tiles 0 .. STAGES-2
 //     for kt in K-tiles:
-//       wait until tile kt has landed; __syncthreads
+//       wait until this thread's copies of tile kt have landed
+//       (TF32 only) round those elements to tf32 in place
+//       __syncthreads
 //       start the copy of tile kt+STAGES-1 into the stage tile kt-1 used (everyone is done with it)
 //       multiply the stage of tile kt into the accumulators (registers)
 //     epilogue: C = acc (+ bias) (+ C), guarded stores
 //
 // Shared memory holds fp32 tiles in the orientation they have in global memory, so every copy is
 // a straight cp.async (16 bytes when the pointer and leading dimension allow it, else 4 bytes):
-//   "k-contiguous" tile  [128 rows][BK]  -- A when not transposed, B when transposed
-//   "mn-contiguous" tile [BK][128 cols]  -- A when transposed, B when not transposed
+//   "k-contiguous" tile  [BM rows][BK]   -- A when not transposed, B when transposed
+//   "mn-contiguous" tile [BK][BM cols]   -- A when transposed, B when not transposed
 // The transpose is absorbed by the shared-memory offset functions a_off/b_off, which the math
 // uses to read op(A)(m, k) and op(B)(k, n) from either orientation. Ragged edges (M, N, K not
 // multiples of the tile) are zero-filled by cp.async's src-size operand, so the math never
 // branches on them, and the epilogue's stores are guarded.
 //
-// TF32 / BF16 (tensor cores, mma.sync): BK = 32, 3 stages, 8 warps as 2 (M) x 4 (N), each warp
-// owns 64 x 32 of C = 4 x 4 mma tiles of 16 x 8, 64 fp32 accumulators per thread. Operands are
-// rounded (cvt.rna.tf32.f32, or cvt.rn.bf16x2.f32 = round-to-nearest-even) as the fragments are
-// read from shared memory. Padding makes those scalar fragment reads conflict-free:
-//   k-contiguous rows of 36 floats: lane (g, t) reads word 36 g + t  -> bank 4 g + t, all distinct
-//   mn-contiguous rows of 136:      lane (g, t) reads word 136 t + g -> bank 8 t + g, all distinct
+// TF32 / BF16 (tensor cores, mma.sync): BK = 32, 8 warps as 2 (M) x 4 (N), two tile shapes:
+//   Big   128 x 128, 3 stages (108 KiB), warp tile 64 x 32 = 4 x 4 mma tiles, 2 blocks/SM;
+//   Small  64 x 64,  4 stages (72 KiB),  warp tile 32 x 16 = 2 x 2 mma tiles, 3 blocks/SM,
+// Small only when Big would give fewer than 2 blocks per SM (e.g. the 768 x 768 weight gradient:
+// 36 big blocks, 144 small ones on 132 SMs). Operands are rounded to tf32 (cvt.rna.tf32.f32)
+// once per element per block: each thread rounds the elements it copied itself, after its
+// cp.async group has landed and before the barrier that publishes the tile (a thread sees its
+// own completed cp.async writes; nobody else touches them until the barrier), so fragment reads
+// are plain loads. BF16 (cvt.rn.bf16x2.f32 = round-to-nearest-even) packs pairs as the
+// fragments are read, since packing changes the layout.
+// Fragment reads: a k-contiguous tile is read with ldmatrix.x4, which without .trans moves whole
+// 32-bit words: lane (g, t) gets word t of row g of each 8 x 4-word matrix, which is exactly the
+// tf32 A (rows g, g+8; columns t, t+4) and B fragments; BF16 loads two and packs. mn-contiguous
+// tiles are read with scalar loads (ldmatrix cannot transpose 32-bit elements). Padding makes
+// every read conflict-free:
+//   k-contiguous rows of 36 floats: ldmatrix phase reads 8 rows x 4 words -> banks 4r + w, all
+//                                   distinct; scalar lane (g, t) word 36 g + t -> bank 4 g + t
+//   mn-contiguous rows of BM + 8:   lane (g, t) reads word (BM + 8) t + g -> bank 8 t + g
 // (g = lane / 4, t = lane % 4, the groupID / threadID_in_group of the PTX fragment tables). Both
-// paddings keep rows 16-byte aligned for cp.async.
+// paddings keep rows 16-byte aligned for cp.async and ldmatrix.
 // BF16 trick: the k16 fragment wants, per thread, the k pair (2t, 2t+1) in one register. Any
 // permutation of k that A and B share leaves the dot product unchanged, so we feed logical k
 // 2t+i from physical k t+4i (and 8+2t+i from 8+t+4i): every bf16 read then hits the same (g, t)
-// pattern as tf32, conflict-free, and both precisions share one kernel.
+// pattern as tf32 (and the same ldmatrix matrices), and both precisions share one kernel.
 //
 // FP32 (CUDA cores, exact fp32 FMA): BK = 8, 4 stages, both tiles stored k-major ([BK][128], rows
 // of 132 floats) so each thread reads its 8 rows of A and 8 columns of B as two float4 each per k
@@ -239,7 +253,6 @@ __host__ __device__ __forceinline__ void load_tile(float* s, const float* g, int
     const int64_t col = c0 + c;
     const int64_t left = cols - col;  // matrix columns from col on
     const int col_bytes = left <= 0 ? 0 : left >= 4 ? 16 : static_cast<int>(left) * 4;
-#pragma unroll
     for (int i = 0; i < Ch::kPasses; ++i) {
         const int r = Ch::row(tid, i);
         const int64_t row = r0 + r;
@@ -248,7 +261,6 @@ __host__ __device__ __forceinline__ void load_tile(float* s, const float* g, int
         if (!TRANSPOSED && vec) {
             cp_async16(s + r * LDS + c, src, bytes);
         } else {
-#pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const bool ok = 4 * j < bytes;
                 float* dst = TRANSPOSED ? s + (c + j) * LDS + r : s + r * LDS + c + j;
@@ -266,7 +278,6 @@ __host__ __device__ __forceinline__ void load_tile(float* s, const float* g, int
 template <int TR, int TC, int LDS, int NT>
 __host__ __device__ __forceinline__ void round_tile_tf32(float* s, int tid) {
     using Ch = Chunks<TR, TC, NT>;
-#pragma unroll
     for (int i = 0; i < Ch::kPasses; ++i) {
         float4* p = reinterpret_cast<float4*>(s + Ch::row(tid, i) * LDS + Ch::col(tid));
         float4 v = *p;
@@ -388,7 +399,6 @@ __host__ __device__ __forceinline__ void load_b_frags(uint32_t (&b)[T::NJ][2], c
     if constexpr (TB) {
         if constexpr (P == MatmulPrecision::TF32) {
             const auto row = [](int l) { return T::template b_off<true>((l / 8 % 2) * 4, l % 8 + (l / 16) * 8); };
-#pragma unroll
             for (int j = 0; j < T::NJ; j += 2) {
                 uint32_t r[4];
                 ldsm_x4(r, sB + T::template b_off<true>(k, n + j * 8), lane, row);
@@ -396,7 +406,6 @@ __host__ __device__ __forceinline__ void load_b_frags(uint32_t (&b)[T::NJ][2], c
             }
         } else {
             const auto row = [](int l) { return T::template b_off<true>((l / 8) * 4, l % 8); };
-#pragma unroll
             for (int j = 0; j < T::NJ; ++j) {
                 uint32_t r[4];  // k = t, t+4, t+8, t+12
                 ldsm_x4(r, sB + T::template b_off<true>(k, n + j * 8), lane, row);
@@ -408,7 +417,6 @@ __host__ __device__ __forceinline__ void load_b_frags(uint32_t (&b)[T::NJ][2], c
         const int g = lane / 4, t = lane % 4;
         const float* base = sB + T::template b_off<false>(k + t, n + g);
         const auto at = [&](int dk, int dn) { return base[T::template b_off<false>(dk, dn)]; };
-#pragma unroll
         for (int j = 0; j < T::NJ; ++j) {
             if constexpr (P == MatmulPrecision::TF32) {
                 b[j][0] = float_bits(at(0, j * 8)), b[j][1] = float_bits(at(4, j * 8));
@@ -480,17 +488,20 @@ __global__ void __launch_bounds__(kThreads, T::kMinBlocks) gemm_kernel(const Gem
     }
     int read = 0, write = kStages - 1;  // stage of tile kt, stage of tile kt + STAGES - 1
     for (int kt = 0; kt < k_tiles; ++kt) {
-        float* sA = stage_a(read);
-        float* sB = sA + T::kTileFloats;
         cp_async_wait<kStages - 2>();  // this thread's copies of tile kt have landed
-        if constexpr (P == MatmulPrecision::TF32) round_stage<T, TA, TB>(sA, sB, tid);
+        if constexpr (P == MatmulPrecision::TF32)
+            round_stage<T, TA, TB>(stage_a(read), stage_a(read) + T::kTileFloats, tid);
         __syncthreads();  // tile kt visible to all; everyone is done with tile kt-1's stage
         if (kt + kStages - 1 < k_tiles)
             load_stage<T, TA, TB>(stage_a(write), stage_a(write) + T::kTileFloats, A, B, p, m0, n0,
                                   (kt + kStages - 1) * (int64_t)BK, tid);
         cp_async_commit();
 
-#pragma unroll
+        const float* sA = stage_a(read);
+        const float* sB = sA + T::kTileFloats;
+        // Not unrolled: with the k steps unrolled, ptxas hoists the next step's fragment loads and
+        // the big tile's 64 accumulators no longer fit in 128 registers without spills.
+#pragma unroll 1
         for (int kk = 0; kk < BK; kk += kStep) {
             // The warp's NJ B fragments, then one A fragment at a time: fewer live registers.
             uint32_t bf[NJ][2];
@@ -728,16 +739,70 @@ int choose_tile(MatmulPrecision precision, int64_t batch, int64_t M, int64_t N) 
     return big_blocks < int64_t(tc::Big::kMinBlocks) * sm_count() ? tc::Small::BM : tc::Big::BM;
 }
 
+// ---- split-K for weight gradients ---------------------------------------------------------------
+//
+// dW (M,N) = dy^T (M,K, stored (K,M)) @ x (K,N) has a small output and K = batch x tokens: with
+// 128 x 128 tiles GPT-2's 768 x 768 dW is 36 blocks on 132 SMs (measured on the H100: the 4 dW
+// GEMMs per layer took 30 of the step's 109 GPU ms at ~46 TFLOP/s, against ~95 for the other
+// GEMMs). In this layout a chunk of K is simply a batch entry (A advances Kc*M elements, B Kc*N;
+// the leading dimensions stay M and N), so the batched kernel computes `splits` partial products
+// into the workspace and split_k_sum_kernel adds them in a fixed order, then bias and C.
+
+// How many K-chunks: a power of two, so the chunks are equal for the usual K = 2^n tokens, enough
+// for two big-tile blocks per SM, each chunk at least 512 deep and a multiple of the K-tile.
+int split_k_count(int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b) {
+    if (batch != 1 || !trans_a || trans_b) return 1;
+    const int64_t tiles = ceil_div(M, tc::Big::BM) * ceil_div(N, tc::Big::BN);
+    const int64_t want = int64_t(tc::Big::kMinBlocks) * sm_count();
+    int s = 1;
+    while (s < 16 && tiles * s < want) s *= 2;
+    while (s > 1 && (K % (int64_t(s) * 32) != 0 || K / s < 512)) s /= 2;
+    return s;
+}
+
+// c[i] = (accumulate ? c[i] : 0) + sum over s of parts[s][i] (+ bias[i % N]), i < M*N.
+__global__ void split_k_sum_kernel(float* __restrict__ c, const float* __restrict__ parts,
+                                   const float* __restrict__ bias, int64_t MN, int64_t N, int splits,
+                                   bool accumulate) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < MN; i += stride) {
+        float sum = accumulate ? c[i] : 0.0f;
+        float part = 0.0f;
+        for (int s = 0; s < splits; ++s) part += parts[s * MN + i];
+        sum += part;
+        if (bias) sum += bias[i % N];
+        c[i] = sum;
+    }
+}
+
 }  // namespace
+
+size_t gemm_workspace_bytes(int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b) {
+    if (batch <= 0 || M <= 0 || N <= 0 || K <= 0) return 0;
+    const int s = split_k_count(batch, M, N, K, trans_a, trans_b);
+    return s > 1 ? size_t(s) * size_t(M) * size_t(N) * sizeof(float) : 0;
+}
 
 void gemm(float* c, const float* a, const float* b, const float* bias, int64_t batch, int64_t M, int64_t N,
           int64_t K, bool trans_a, bool trans_b, int64_t batch_stride_a, int64_t batch_stride_b,
-          int64_t batch_stride_c, bool accumulate, MatmulPrecision precision, cudaStream_t stream) {
+          int64_t batch_stride_c, bool accumulate, MatmulPrecision precision, void* workspace,
+          size_t workspace_bytes, cudaStream_t stream) {
     if (batch < 0 || M < 0 || N < 0 || K < 0)
         throw std::invalid_argument("gemm: sizes must be >= 0, got batch=" + std::to_string(batch) +
                                     " M=" + std::to_string(M) + " N=" + std::to_string(N) +
                                     " K=" + std::to_string(K));
     if (batch == 0 || M == 0 || N == 0) return;  // nothing to write; K == 0 still writes bias (+ C)
+    const size_t split_bytes = gemm_workspace_bytes(batch, M, N, K, trans_a, trans_b);
+    if (workspace && split_bytes && workspace_bytes >= split_bytes) {
+        const int splits = split_k_count(batch, M, N, K, trans_a, trans_b);
+        const int64_t Kc = K / splits;
+        float* parts = static_cast<float*>(workspace);
+        gemm(parts, a, b, nullptr, splits, M, N, Kc, true, false, Kc * M, Kc * N, M * N, false, precision,
+             nullptr, 0, stream);
+        split_k_sum_kernel<<<grid_for(M * N, 256), 256, 0, stream>>>(c, parts, bias, M * N, N, splits, accumulate);
+        LLMCORE_CUDA_CHECK_LAUNCH();
+        return;
+    }
 
     GemmParams p{};
     p.bias = bias;

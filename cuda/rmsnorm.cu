@@ -97,7 +97,8 @@ __global__ __launch_bounds__(kRowThreads, kLongMinBlocks) void rmsnorm_forward_l
             [&](int64_t q, float4 a) {
                 const int64_t i = sp.head + 4 * q;
                 const float4 w = load4(weight + i);
-                store4(yr + i, make_float4(a.x * s * w.x, a.y * s * w.y, a.z * s * w.z, a.w * s * w.w));
+                store4(yr + i,
+                       make_float4(a.x * s * w.x, a.y * s * w.y, a.z * s * w.z, a.w * s * w.w));
             });
     }
 }
@@ -179,7 +180,8 @@ __global__ __launch_bounds__(kRowThreads, 2) void rmsnorm_backward_long(
         };
         auto gx = [](float d, float w, float xi) { return __fmul_rn(__fmul_rn(d, w), xi); };
         float dot = 0.0f;
-        for_row_scalars<kRowThreads>(sp, C, t, [&](int64_t i) { dot += gx(gr[i], weight[i], xr[i]); });
+        for_row_scalars<kRowThreads>(sp, C, t,
+                                     [&](int64_t i) { dot += gx(gr[i], weight[i], xr[i]); });
         for_row_quads<kRowThreads, 4>(sp, t, load, [&](int64_t q, Pair a) {
             const float4 w = load4(weight + sp.head + 4 * q);
             dot += gx(a.g.x, w.x, a.x.x);
@@ -226,8 +228,8 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* weight,
         LLMCORE_CUDA_CHECK_LAUNCH();
     });
     if (!in_regs) {
-        rmsnorm_forward_long<<<row_grid(rows, 1), kRowThreads, 0, stream>>>(y, rstd, x, weight, rows,
-                                                                           C, eps, vec4);
+        rmsnorm_forward_long<<<row_grid(rows, 1), kRowThreads, 0, stream>>>(
+            y, rstd, x, weight, rows, C, eps, vec4);
         LLMCORE_CUDA_CHECK_LAUNCH();
     }
 }
@@ -251,8 +253,8 @@ void rmsnorm_backward(float* dx, float* dweight, const float* dy, const float* x
     const bool in_regs = dispatch_row_layout(C, vec4, [&](auto layout) {
         using L = decltype(layout);
         P = norm_partials(rows, L::kRowsPerBlock);
-        rmsnorm_backward_regs<L><<<(unsigned)P, kRowThreads, 0, stream>>>(dx, partial, dy, x, weight,
-                                                                         rstd, rows, (int)C);
+        rmsnorm_backward_regs<L><<<(unsigned)P, kRowThreads, 0, stream>>>(
+            dx, partial, dy, x, weight, rstd, rows, (int)C);
         LLMCORE_CUDA_CHECK_LAUNCH();
     });
     if (!in_regs) {

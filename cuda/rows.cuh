@@ -119,11 +119,13 @@ __device__ __forceinline__ float4 load4(const float* p) {
     return *reinterpret_cast<const float4*>(p);
 }
 // In PTX: a plain float4 assignment is sometimes split into four 4-byte stores when its
-// components come from separate computations (seen in the long-tier loops). No "memory" clobber
-// (unlike __stwb): no kernel here reads what it stores, so loads may move across these stores.
+// components come from separate computations (seen in the long-tier loops). The "memory"
+// clobber keeps the compiler from moving loads across it (the long-tier norm backward re-reads
+// what it stored for the previous row).
 __device__ __forceinline__ void store4(float* p, float4 v) {
     asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z),
-                 "f"(v.w));
+                 "f"(v.w)
+                 : "memory");
 }
 
 template <int VEC>

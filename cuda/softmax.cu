@@ -55,10 +55,8 @@ __global__ __launch_bounds__(kRowThreads) void softmax_forward_regs(float* __res
 
 // x, y (rows, C), any C: a block per row, two passes. vec: x and y rows share their
 // misalignment, so both use the split of the x row.
-__global__ __launch_bounds__(kRowThreads, kLongMinBlocks) void softmax_forward_long(float* __restrict__ y,
-                                                                    const float* __restrict__ x,
-                                                                    int64_t rows, int64_t C,
-                                                                    bool vec) {
+__global__ __launch_bounds__(kRowThreads, kLongMinBlocks) void softmax_forward_long(
+    float* __restrict__ y, const float* __restrict__ x, int64_t rows, int64_t C, bool vec) {
     __shared__ float shared[64];
     const int t = threadIdx.x;
     for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -112,11 +110,9 @@ __global__ __launch_bounds__(kRowThreads) void softmax_backward_regs(float* __re
 }
 
 // Any C: a block per row, two passes (the dot product, then dx).
-__global__ __launch_bounds__(kRowThreads, kLongMinBlocks) void softmax_backward_long(float* __restrict__ dx,
-                                                                     const float* __restrict__ dy,
-                                                                     const float* __restrict__ y,
-                                                                     int64_t rows, int64_t C,
-                                                                     bool vec) {
+__global__ __launch_bounds__(kRowThreads, kLongMinBlocks) void softmax_backward_long(
+    float* __restrict__ dx, const float* __restrict__ dy, const float* __restrict__ y, int64_t rows,
+    int64_t C, bool vec) {
     __shared__ float shared[32];
     const int t = threadIdx.x;
     struct Pair { float4 g, p; };
@@ -125,27 +121,24 @@ __global__ __launch_bounds__(kRowThreads, kLongMinBlocks) void softmax_backward_
         const float* pr = y + row * C;
         float* dr = dx + row * C;
         const RowSplit sp = split_row(gr, C, vec);
+        auto load = [&](int64_t q) {
+            return Pair{load4(gr + sp.head + 4 * q), load4(pr + sp.head + 4 * q)};
+        };
         float dot = 0.0f;
         for_row_scalars<kRowThreads>(sp, C, t, [&](int64_t i) { dot += gr[i] * pr[i]; });
-        for_row_quads<kRowThreads, 4>(
-            sp, t,
-            [&](int64_t q) { return Pair{load4(gr + sp.head + 4 * q), load4(pr + sp.head + 4 * q)}; },
-            [&](int64_t, Pair a) {
-                dot += a.g.x * a.p.x;
-                dot += a.g.y * a.p.y;
-                dot += a.g.z * a.p.z;
-                dot += a.g.w * a.p.w;
-            });
+        for_row_quads<kRowThreads, 4>(sp, t, load, [&](int64_t, Pair a) {
+            dot += a.g.x * a.p.x;
+            dot += a.g.y * a.p.y;
+            dot += a.g.z * a.p.z;
+            dot += a.g.w * a.p.w;
+        });
         dot = block_sum(dot, shared);
         for_row_scalars<kRowThreads>(sp, C, t, [&](int64_t i) { dr[i] = pr[i] * (gr[i] - dot); });
-        for_row_quads<kRowThreads, 4>(
-            sp, t,
-            [&](int64_t q) { return Pair{load4(gr + sp.head + 4 * q), load4(pr + sp.head + 4 * q)}; },
-            [&](int64_t q, Pair a) {
-                store4(dr + sp.head + 4 * q,
-                       make_float4(a.p.x * (a.g.x - dot), a.p.y * (a.g.y - dot),
-                                   a.p.z * (a.g.z - dot), a.p.w * (a.g.w - dot)));
-            });
+        for_row_quads<kRowThreads, 4>(sp, t, load, [&](int64_t q, Pair a) {
+            store4(dr + sp.head + 4 * q,
+                   make_float4(a.p.x * (a.g.x - dot), a.p.y * (a.g.y - dot),
+                               a.p.z * (a.g.z - dot), a.p.w * (a.g.w - dot)));
+        });
     }
 }
 

@@ -101,7 +101,9 @@ def test_matmul_unaligned_operands(cp, rng):
     check(got, ref.matmul(*f64(a, b)), 1e-5, "unaligned matmul")
 
 
-@pytest.mark.parametrize("rows,d_in,d_out", [(1, 1, 1), (7, 33, 65), (129, 768, 257), (300, 64, 3072)])
+# (8192, 64, 96) and (4096, 768, 768): weight gradients split over the rows (split-K)
+@pytest.mark.parametrize("rows,d_in,d_out", [(1, 1, 1), (7, 33, 65), (129, 768, 257), (300, 64, 3072),
+                                             (8192, 64, 96), (4096, 768, 768)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_and_backward(cp, rng, precision, rows, d_in, d_out, bias):
     x, w, dy = randn(rng, (rows, d_in)), randn(rng, (d_out, d_in)), randn(rng, (rows, d_out))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent H100 (see benchmarks/README.md): build llmcore with the machine's own
 # toolchain, run the CUDA tests, then the GPU benchmarks, writing every log under $OUT.
-#   bash benchmarks/gpu/h100_run.sh [tests] [bench] [train]   (default: all three)
+#   bash benchmarks/gpu/h100_run.sh [tests] [bench] [train] [profile] [ncu]   (default: tests bench train)
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/llmcore-gpu}
@@ -29,5 +29,13 @@ for phase in $phases; do
     train)
       python3 "$REPO/benchmarks/train_throughput.py" --device cuda --steps 20 \
           --json "$OUT/h100-train.json" 2>&1 | tee "$OUT/train.log" | tail -20 ;;
+    profile)
+      python3 "$REPO/benchmarks/gpu/profile_step.py" 2>&1 | tee "$OUT/profile.log" | head -50 ;;
+    ncu)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+      "$NCU" --kernel-name regex:gemm --launch-skip 0 --launch-count 3 --section SpeedOfLight \
+          --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
+          python3 "$REPO/benchmarks/gpu/ncu_gemm.py" > "$OUT/ncu.log" 2>&1
+      grep -v "^    ---\|^ *$" "$OUT/ncu.log" | tail -150 ;;
   esac
 done

@@ -153,6 +153,25 @@ def _matmul_cases() -> list[Case]:
             cases.append(Case("linear", "fwd", f"{what} ({M}x{K} @ {K}x{N}^T)", make,
                               lambda inp: ops.linear(inp[0], inp[1]), theirs,
                               flops=2.0 * M * N * K, bytes=4.0 * (M * K + N * K + M * N), precision=precision))
+    # backward (dx = dy @ W and dW = dy^T @ x): the weight gradient has a small output and a
+    # long K (the 8192 rows), the shape that starves a GEMM of blocks
+    for precision in ("highest", "high", "medium"):
+        for what, M, N, K in shapes[:3]:
+            def make_bwd(M=M, N=N, K=K):
+                return _randn(M, N), _randn(M, K), _randn(N, K)  # dy, x, w
+
+            def theirs_bwd(inp, precision=precision):
+                dy, x, w = (_t(a) for a in inp)
+                if precision == "medium":
+                    dy, x, w = dy.bfloat16(), x.bfloat16(), w.bfloat16()
+                else:
+                    torch.backends.cuda.matmul.allow_tf32 = precision == "high"
+                return (dy @ w).float(), (dy.t() @ x).float()
+
+            cases.append(Case("linear", "bwd", f"{what} (dx and dW, {M} rows)", make_bwd,
+                              lambda inp: ops.linear_backward(inp[0], inp[1], inp[2])[:2], theirs_bwd,
+                              flops=4.0 * M * N * K, bytes=4.0 * (2 * M * K + 2 * N * K + M * N),
+                              precision=precision, compare=lambda o, t: (o[1], t[1])))
     return cases
 
 
@@ -410,7 +429,13 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv, "machine": machine_info(), "ceilings": ceilings, "rows": rows}, f,
                       indent=1, default=str)
+        info = machine_info()
         with open(args.json.rsplit(".", 1)[0] + ".md", "w") as f:
+            f.write(f"`{' '.join(sys.argv)}` on {info['gpu']} (torch {info['torch']}, cupy {info['cupy']}).\n"
+                    f"Ceilings: copy {ceilings['copy_gbs']:.0f} GB/s (read+write); cuBLAS 8192^3 fp32 "
+                    f"{ceilings['cublas_fp32_tflops']:.1f}, tf32 {ceilings['cublas_tf32_tflops']:.1f}, "
+                    f"bf16 {ceilings['cublas_bf16_tflops']:.1f} TFLOP/s. % ceil: of the copy rate (GB/s rows) "
+                    f"or of cuBLAS at the row's precision (TFLOP/s rows). x torch: torch time / ours.\n\n")
             f.write(format_table(rows, markdown=True) + "\n")
         print(f"wrote {args.json}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
