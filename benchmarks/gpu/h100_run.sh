@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent H100 (see benchmarks/README.md): build llmcore with the machine's own
 # toolchain, run the CUDA tests, then the GPU benchmarks, writing every log under $OUT.
-#   bash benchmarks/gpu/h100_run.sh [tests] [bench] [train] [profile] [ncu]   (default: tests bench train)
+#   bash benchmarks/gpu/h100_run.sh [tests] [bench] [train] [profile] [ncu] [corpus]   (default: tests bench train)
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/llmcore-gpu}
@@ -29,6 +29,10 @@ for phase in $phases; do
     train)
       python3 "$REPO/benchmarks/train_throughput.py" --device cuda --steps 20 \
           --json "$OUT/h100-train.json" 2>&1 | tee "$OUT/train.log" | tail -20 ;;
+    corpus)  # the GPT-2 124M shape on the bundled Shakespeare (BPE 8192), a few hundred steps
+      llmcore train --preset gpu-gpt2 --device cuda --steps 300 --eval-interval 100 --ckpt-interval 300 \
+          --out /tmp/gpt2-run 2>&1 | tr '\r' '\n' | grep -v "it/s\]$\|step/s\]$" | tee "$OUT/corpus-train.log" | tail -30
+      cp /tmp/gpt2-run/metrics.jsonl "$OUT/corpus-metrics.jsonl" ;;
     profile)
       python3 "$REPO/benchmarks/gpu/profile_step.py" 2>&1 | tee "$OUT/profile.log" | head -50 ;;
     ncu)

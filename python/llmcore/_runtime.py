@@ -59,7 +59,7 @@ def _cuda_info() -> dict:
     out = {
         "cuda_built": True,
         "cuda_available": cuda_available(),
-        "cuda_architectures": ["sm_" + a for a in build["architectures"].split(";")],
+        "cuda_architectures": ["sm_" + a for a in build["architectures"].split(",")],
         "cuda_runtime": f"{runtime // 1000}.{runtime % 1000 // 10}",
         "cuda_driver": (f"{build['driver'] // 1000}.{build['driver'] % 1000 // 10}"
                         if build["driver"] else "none"),
