@@ -198,7 +198,7 @@ __global__ __launch_bounds__(kRowThreads) void layernorm_backward_regs(
 
 // Any C: a block per row, two passes; the block's partials accumulate in its workspace rows
 // (each element always touched by the same thread, so no barrier is needed between rows).
-__global__ __launch_bounds__(kRowThreads, 2) void layernorm_backward_long(
+__global__ __launch_bounds__(kRowThreads, kLongBackwardMinBlocks) void layernorm_backward_long(
     float* __restrict__ dx, float* __restrict__ pw, float* __restrict__ pb,
     const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ weight,
     const float* __restrict__ mean, const float* __restrict__ rstd, int64_t rows, int64_t C,

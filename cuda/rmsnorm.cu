@@ -160,7 +160,7 @@ __global__ __launch_bounds__(kRowThreads) void rmsnorm_backward_regs(
 
 // Any C: a block per row, two passes; the block's dweight partial accumulates in its workspace
 // row (each element always touched by the same thread, so no barrier is needed between rows).
-__global__ __launch_bounds__(kRowThreads, 2) void rmsnorm_backward_long(
+__global__ __launch_bounds__(kRowThreads, kLongBackwardMinBlocks) void rmsnorm_backward_long(
     float* __restrict__ dx, float* __restrict__ partial, const float* __restrict__ dy,
     const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ rstd,
     int64_t rows, int64_t C, bool vec) {

@@ -29,6 +29,9 @@ constexpr int64_t kMaxRowBlocks = 1 << 20; // grid cap; kernels loop (grid-strid
 // caps them at 64 registers, which also stops ptxas from spilling one of them at 40 (seen with
 // nvcc 13.0 when left to its own heuristics).
 constexpr int kLongMinBlocks = 4;
+// The long-tier norm backwards keep more live values (dy, x, weight and the partials of a batch
+// of quads): at 64 registers they spill, at 128 (two blocks per SM) they do not.
+constexpr int kLongBackwardMinBlocks = 2;
 
 // Where one row lives in registers: TPR threads per row, K vectors of VEC floats per thread.
 template <int VEC_, int K_, int TPR_>
