@@ -19,6 +19,7 @@
 
 #include "dispatch.h"
 #include "kernels.h"
+#include "output_pool.h"
 
 namespace py = pybind11;
 using llmcore::kernels;
@@ -86,7 +87,23 @@ int64_t rows_of(const py::array& a) {
     return rows;
 }
 
-py::array_t<float> empty_f32(const Shape& shape) { return py::array_t<float>(shape); }
+// A new float32 array for a kernel's output. Large ones take their memory from the output pool
+// (output_pool.h), whose blocks go back to the pool when NumPy frees the array.
+py::array_t<float> empty_f32(const Shape& shape) {
+    size_t bytes = sizeof(float);
+    for (py::ssize_t d : shape) bytes *= (size_t)d;
+    if (bytes < llmcore::pool::kMinBytes) return py::array_t<float>(shape);
+    size_t capacity = 0;
+    void* block = llmcore::pool::acquire(bytes, &capacity);
+    // The array's base capsule owns the block; release() needs the capacity too.
+    struct Owner { void* block; size_t capacity; };
+    py::capsule base(new Owner{block, capacity}, [](void* p) {
+        auto* owner = static_cast<Owner*>(p);
+        llmcore::pool::release(owner->block, owner->capacity);
+        delete owner;
+    });
+    return py::array_t<float>(shape, static_cast<float*>(block), base);
+}
 
 float* ptr(py::array_t<float>& a) { return a.mutable_data(); }
 
@@ -583,6 +600,18 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("simd", [] { return std::string(kernels().isa); }, "The instruction set of the kernels in use.");
     m.def("supported_simd", &llmcore::supported_isas, "Instruction sets compiled in that this CPU can run.");
     m.def("set_simd", &llmcore::set_isa, py::arg("name"), "Use the kernels compiled for `name`.");
+    m.def("empty_cache", &llmcore::pool::empty_cache, "Unmaps the output pool's cached blocks.");
+    m.def("pool_stats", [] {
+        const auto s = llmcore::pool::stats();
+        py::dict d;
+        d["cached_bytes"] = s.cached_bytes;
+        d["in_use_bytes"] = s.in_use_bytes;
+        d["limit_bytes"] = s.limit_bytes;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        return d;
+    }, "The output pool's counters.");
+    m.def("set_pool_limit", &llmcore::pool::set_limit, py::arg("bytes"), "Caps the output pool's cached bytes.");
     m.def("get_num_threads", &get_num_threads);
     m.def("set_num_threads", &set_num_threads, py::arg("n"));
 #ifdef _OPENMP

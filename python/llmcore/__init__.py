@@ -11,7 +11,8 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import ops, reference
 from ._backend import cuda_available
-from ._runtime import get_num_threads, info, set_num_threads, set_simd, simd
+from ._runtime import (empty_cache, get_num_threads, info, memory_stats, set_memory_limit, set_num_threads,
+                       set_simd, simd)
 
 try:
     __version__ = _version("llmcore")
@@ -20,5 +21,5 @@ except PackageNotFoundError:  # running from a source tree that was not pip-inst
 
 __all__ = [
     "ops", "reference", "cuda_available", "info", "get_num_threads", "set_num_threads",
-    "simd", "set_simd", "__version__",
+    "simd", "set_simd", "memory_stats", "set_memory_limit", "empty_cache", "__version__",
 ]

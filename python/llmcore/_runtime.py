@@ -31,6 +31,26 @@ def set_simd(name: str) -> None:
     _cpu.set_simd(name)
 
 
+def memory_stats() -> dict:
+    """The output pool's counters: cached_bytes (free blocks kept for reuse), in_use_bytes (blocks
+    held by live arrays), limit_bytes (the cap on cached_bytes), hits and misses (outputs served
+    from the cache / by new memory). Kernel outputs of 1 MiB and more come from this pool."""
+    return dict(_cpu.pool_stats())
+
+
+def set_memory_limit(megabytes: int) -> None:
+    """Caps the output pool's cached (free) memory; 0 turns caching off. Default 2048 MiB, or
+    LLMCORE_POOL_LIMIT_MB."""
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int) or megabytes < 0:
+        raise ValueError(f"megabytes: expected an int >= 0, got {megabytes!r}")
+    _cpu.set_pool_limit(megabytes << 20)
+
+
+def empty_cache() -> None:
+    """Returns the output pool's cached blocks to the operating system (arrays in use are kept)."""
+    _cpu.empty_cache()
+
+
 def info() -> dict:
     """What this build is and what it chose on this machine."""
     from . import __version__
@@ -44,6 +64,7 @@ def info() -> dict:
         "openmp": bool(_cpu.openmp),
         "num_threads": get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "output_pool_limit_mb": memory_stats()["limit_bytes"] >> 20,
         **_cuda_info(),
     }
 
