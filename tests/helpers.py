@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# Sizes around the kernels' vector widths (4/8/16 floats), matmul tiles (MR=6, NR=8/16/32,
-# KC=192/256, MC=144) and row grains: 1, primes, and just under/over powers of two.
+# Sizes around the kernels' vector widths (4/8/16 floats), matmul tiles (MR=6/12, NR=8/16/32,
+# KC=256, MC=144/288) and row grains: 1, primes, and just under/over powers of two.
 AWKWARD = [1, 2, 3, 5, 7, 15, 16, 17, 31, 33, 63, 65, 127, 129, 145, 193, 257, 1031]
 
 # Row-wise operations: (rows..., C) with batch 1, 3-D inputs and one large row.
@@ -12,8 +12,8 @@ ROW_SHAPES = [(1, 1), (1, 7), (3, 16), (5, 17), (2, 31), (7, 33), (1, 65), (4, 3
               (2, 1, 129), (13, 257), (3, 1031), (2, 4099)]
 
 # matmul (M, N, K): edges of every block size, and K = 0 (a sum over nothing).
-MATMUL_SHAPES = [(1, 1, 1), (5, 7, 3), (6, 32, 192), (7, 33, 193), (13, 1, 300), (1, 100, 511),
-                 (145, 17, 257), (31, 65, 129), (289, 47, 385), (64, 64, 0)]
+MATMUL_SHAPES = [(1, 1, 1), (5, 7, 3), (6, 32, 192), (7, 33, 193), (12, 32, 256), (13, 1, 300),
+                 (1, 100, 511), (145, 17, 257), (31, 65, 129), (289, 47, 385), (577, 40, 513), (64, 64, 0)]
 
 
 def randn(rng, shape, dtype=np.float32, scale=1.0):
