@@ -32,6 +32,7 @@ constexpr int NR = 2 * VEC;
 constexpr int64_t KC = 256;
 constexpr int64_t MC = MR * 24;  // a MC x KC block of A: 144-288 KiB, well inside L2
 constexpr int64_t NC = 4096;  // a KC x NC panel of B is 3-4 MiB, shared in L3
+constexpr int64_t kInPlaceMaxN = 512;  // the widest C for which A is read without packing
 
 
 thread_local AlignedBuffer tls_packed_a, tls_packed_b;
@@ -42,9 +43,27 @@ struct Epilogue {
     const float* bias;   // added to every row (first K block only), or null
 };
 
-// acc (MR x NR) = sum over k < kc of Ap[k] (MR) outer Bp[k] (NR), then written to C.
-inline void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp,
-                         float* __restrict c, int64_t ldc, int mr, int nr, Epilogue ep) {
+// Where the micro-kernel reads its MR x kc slice of op(A): a packed micro-panel (ap[k * MR + r]),
+// or rows of A itself, row r at a + r * lda (contiguous in k). Reading a row-major A in place
+// skips packing it: packing costs one pass over the A block per task, which next to the
+// 2 * N FLOPs per element of the task is ~10% at N = 256 (measured: the 12 x 32 kernel runs at
+// the same 191-195 GFLOP/s on an L2-resident A either way, one core).
+struct PackedA {
+    const float* ap;
+    float operator()(int64_t k, int r) const { return ap[k * MR + r]; }
+};
+struct RowsA {
+    const float* a;
+    int64_t lda;
+    // Rows in groups of four from one base pointer (x86 addressing reaches base + index * 1..8,
+    // so four offsets 0, lda, 2 lda, 3 lda in registers cover a group).
+    float operator()(int64_t k, int r) const { return a[(r / 4) * 4 * lda + (r % 4) * lda + k]; }
+};
+
+// acc (MR x NR) = sum over k < kc of op(A)[:, k] (MR) outer Bp[k] (NR), then written to C.
+template <class A>
+inline void micro_kernel(int64_t kc, A a, const float* __restrict bp, float* __restrict c,
+                         int64_t ldc, int mr, int nr, Epilogue ep) {
     vfloat acc[MR][2] = {};
     // The C tile is read (after the first K block) and written once per KC block; start its
     // lines on their way now so the epilogue does not wait on them (~+5% at 4096 x 768 x 3072).
@@ -56,9 +75,9 @@ inline void micro_kernel(int64_t kc, const float* __restrict ap, const float* __
         const vfloat b0 = load(bp + k * NR), b1 = load(bp + k * NR + VEC);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
-            const float a = ap[k * MR + r];
-            acc[r][0] += a * b0;
-            acc[r][1] += a * b1;
+            const float ak = a(k, r);
+            acc[r][0] += ak * b0;
+            acc[r][1] += ak * b1;
         }
     }
     if (ep.bias && nr == NR) {
@@ -118,21 +137,13 @@ void pack_a(float* ap, const float* a, bool trans, int64_t M, int64_t K, int64_t
         }
         return;
     }
+    // op(A)(i, k) = a[i * K + k] (only ragged last panels are packed from a row-major A)
     for (int64_t ir = 0; ir < mc; ir += MR) {
         const int rows = (int)std::min<int64_t>(MR, mc - ir);
         float* dst = ap + ir * kc;
-        if (rows == MR) {  // op(A)(i, k) = a[i * K + k]: MR row streams, one write stream
-            const float* src[MR];
-            for (int r = 0; r < MR; ++r) src[r] = a + (i0 + ir + r) * K + p0;
-            for (int64_t k = 0; k < kc; ++k) {
-#pragma GCC unroll 16
-                for (int r = 0; r < MR; ++r) dst[k * MR + r] = src[r][k];
-            }
-        } else {  // the last, partial micro-panel: zero rows below the edge
-            for (int64_t k = 0; k < kc; ++k)
-                for (int r = 0; r < MR; ++r)
-                    dst[k * MR + r] = r < rows ? a[(i0 + ir + r) * K + p0 + k] : 0.0f;
-        }
+        for (int64_t k = 0; k < kc; ++k)
+            for (int r = 0; r < MR; ++r)
+                dst[k * MR + r] = r < rows ? a[(i0 + ir + r) * K + p0 + k] : 0.0f;
     }
 }
 
@@ -176,6 +187,11 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
     const int64_t nc_max = std::min(NC, ceil_div(N, NR) * NR);
     float* packed_b = tls_packed_b.get(std::min(KC, K) * nc_max);
     const int threads = parallel ? max_threads() : 1;
+    // Packing an A block costs one pass over it per task, against 2 * N FLOPs per element of
+    // work: ~10% at N = 256, noise at N = 3072. Read in place, A's rows are KC-float pieces a
+    // whole row apart, which at wide K cost more than packing saves. Measured on the 2-core VM,
+    // in place vs packed: 2048 x 256 -> 256 302 vs 286 GFLOP/s; 2048^3 267 vs 294.
+    const bool in_place_a = !trans_a && N <= kInPlaceMaxN;
 
 #pragma omp parallel num_threads(threads)
     {
@@ -203,16 +219,22 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
                     const int64_t ic = units * rb / row_blocks * MR;
                     const int64_t mc = std::min(M, units * (rb + 1) / row_blocks * MR) - ic;
                     const int64_t jr_begin = panels * g / groups, jr_end = panels * (g + 1) / groups;
-                    pack_a(packed_a, a, trans_a, M, K, ic, mc, pc, kc);
+                    // A row-major next to a narrow C is read in place (RowsA), all but a ragged
+                    // last micro-panel, which is packed zero-padded; otherwise the block is packed.
+                    const int64_t full = in_place_a ? mc / MR * MR : 0;
+                    if (full < mc) pack_a(packed_a, a, trans_a, M, K, ic + full, mc - full, pc, kc);
                     for (int64_t jr = jr_begin; jr < jr_end; ++jr) {
                         const int64_t j0 = jc + jr * NR;
                         const int nr = (int)std::min<int64_t>(NR, N - j0);
+                        const float* bp = packed_b + jr * kc * NR;
                         Epilogue tile_ep{ep.add, ep.bias ? ep.bias + j0 : nullptr};
-                        for (int64_t ir = 0; ir < mc; ir += MR) {
-                            const int mr = (int)std::min<int64_t>(MR, mc - ir);
-                            micro_kernel(kc, packed_a + ir * kc, packed_b + jr * kc * NR,
-                                         c + (ic + ir) * N + j0, N, mr, nr, tile_ep);
-                        }
+                        for (int64_t ir = 0; ir < full; ir += MR)
+                            micro_kernel(kc, RowsA{a + (ic + ir) * K + pc, K}, bp, c + (ic + ir) * N + j0,
+                                         N, MR, nr, tile_ep);
+                        for (int64_t ir = full; ir < mc; ir += MR)
+                            micro_kernel(kc, PackedA{packed_a + (ir - full) * kc}, bp,
+                                         c + (ic + ir) * N + j0, N, (int)std::min<int64_t>(MR, mc - ir),
+                                         nr, tile_ep);
                     }
                 }
             }
