@@ -96,6 +96,8 @@ def timed(benchmark, torch_module):
         time.sleep(bench.PAUSE_S)  # let the previous test's BLAS threads stop spinning (see llmcore.bench)
         rounds, iterations = _plan(fn)
         benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
+        if benchmark.stats is None:  # --benchmark-disable: the correctness check above was the test
+            return
         # GFLOP/s or GB/s from the median, so --benchmark-json carries the rate without a calculator
         median = benchmark.stats.stats.median
         if case.flops:

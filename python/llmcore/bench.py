@@ -8,8 +8,8 @@ For each operation and shape (shapes from real model configurations, below) it
   3. rates ours in GFLOP/s (matmul, linear) or GB/s (everything else: bytes read + written once)
      and divides by this machine's measured ceilings (measure_ceilings).
 
-Adding an operation (attention, say) takes two entries: its shapes in SHAPES / QUICK_SHAPES and a
-builder registered with @register("attention") that turns one Shape into its fwd and bwd Cases.
+Adding an operation takes two entries: its shapes in SHAPES / QUICK_SHAPES and a
+builder registered with @register("name") that turns one Shape into its fwd and bwd Cases.
 benchmarks/ (the pytest-benchmark suites) builds its cases from the same registry.
 """
 from __future__ import annotations
@@ -111,6 +111,13 @@ SHAPES: dict[str, list[Shape]] = {
         _s(GPT2, "one block's params", n=_block_params(GPT2)),
         _s(CHAR, "c_fc.weight", n=4 * CHAR.C * CHAR.C),
     ],
+    # Causal self-attention at training shapes, and one GQA decoding step against a KV cache.
+    "attention": [
+        _s("goal", "B4 H8 T512 D64", B=4, T=512, S=512, H=8, Hkv=8, D=64),
+        _s(GPT2, "attn, B=2", B=2, T=GPT2.T, S=GPT2.T, H=GPT2.H, Hkv=GPT2.H, D=GPT2.C // GPT2.H),
+        _s(CHAR, "attn, B=32", B=32, T=CHAR.T, S=CHAR.T, H=CHAR.H, Hkv=CHAR.H, D=CHAR.C // CHAR.H),
+        _s("llama3-8b", "decode 1 token, GQA-8", B=1, T=1, S=2048, H=32, Hkv=8, D=128),
+    ],
 }
 
 # --quick: the same layers at fewer rows, so that a whole run takes seconds.
@@ -131,6 +138,8 @@ QUICK_SHAPES: dict[str, list[Shape]] = {
     "cross_entropy": [_s(GPT2, "logits", N=16, V=GPT2.V), _s(CHAR, "logits", N=512, V=CHAR.V)],
     "embedding": [_s(GPT2, "wte", N=256, V=GPT2.V, C=GPT2.C), _s(CHAR, "wte", N=512, V=CHAR.V, C=CHAR.C)],
     "adamw": [_s(CHAR, "c_fc.weight", n=4 * CHAR.C * CHAR.C)],
+    "attention": [_s(CHAR, "attn, B=2", B=2, T=CHAR.T, S=CHAR.T, H=CHAR.H, Hkv=CHAR.H, D=CHAR.C // CHAR.H),
+                  _s("llama3-8b", "decode 1 token, GQA-8, S=256", B=1, T=1, S=256, H=32, Hkv=8, D=128)],
 }
 
 
@@ -444,6 +453,53 @@ def _adamw(s: Shape) -> list[Case]:
 
     return [Case("adamw", "step", s, f"{n}", make, step(ops.adamw_step), step(reference.adamw_step), torch_fn,
                  nbytes=7 * F32 * n, inplace=True)]  # reads p, g, m, v; writes p, m, v
+
+
+@register("attention")
+def _attention(s: Shape) -> list[Case]:
+    # Causal: query i sits at key position S - T + i (DESIGN.md). FLOPs count visible query/key
+    # pairs only: 4 D each forward (q.k and p.v), 10 D backward (s, dp, dv, dq, dk).
+    B, T, S, H, Hkv, D = (s[n] for n in ("B", "T", "S", "H", "Hkv", "D"))
+    label = f"B{B} H{H}" + (f"/{Hkv}" if Hkv != H else "") + f" T{T}" + (f" S{S}" if S != T else "") + f" D{D}"
+    pairs = B * H * (T * (S - T) + T * (T + 1) // 2)
+
+    def make_fwd(rng):
+        return _randn(rng, B, T, H, D), _randn(rng, B, S, Hkv, D), _randn(rng, B, S, Hkv, D)
+
+    def make_bwd(rng):
+        q, k, v = make_fwd(rng)
+        return (_randn(rng, B, T, H, D), q, k, v, *reference.attention(q, k, v, causal=True))
+
+    def sdpa(th, q, k, v):
+        """torch's SDPA on (B, T, H, D) arrays, as (B, T, H, D). Its causal mask is aligned
+        top-left, ours bottom-right: they agree when T == S, and a single query (T = 1) sees every
+        key either way, so it runs unmasked."""
+        f = th.nn.functional.scaled_dot_product_attention
+        gqa = dict(enable_gqa=True) if Hkv != H else {}
+        return f(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=T > 1, **gqa).transpose(1, 2)
+
+    torch_ok = T == S or T == 1
+
+    def torch_fwd(th, q, k, v):
+        q, k, v = (th.from_numpy(x) for x in (q, k, v))
+        return lambda: (sdpa(th, q, k, v), None)  # torch returns no lse
+
+    def torch_bwd(th, dout, q, k, v, out, lse):
+        q, k, v = (_leaf(th, x) for x in (q, k, v))
+        return _grads(th, sdpa(th, q, k, v), (q, k, v), th.from_numpy(dout))
+
+    io = F32 * (2 * B * T * H * D + 2 * B * S * Hkv * D)
+    fwd = Case("attention", "fwd", s, label, make_fwd,
+               ours=lambda q, k, v: ops.attention(q, k, v, causal=True),
+               ref=lambda q, k, v: reference.attention(q, k, v, causal=True),
+               torch=torch_fwd if torch_ok else None, nbytes=io,
+               flops=4.0 * D * pairs if T > 1 else 0.0)  # one decoding query is a read of the cache: GB/s
+    if T == 1:
+        return [fwd]  # decoding has no backward
+    return [fwd, Case("attention", "bwd", s, label, make_bwd,
+                      ours=lambda *a: ops.attention_backward(*a, causal=True),
+                      ref=lambda *a: reference.attention_backward(*a, causal=True),
+                      torch=torch_bwd if torch_ok else None, flops=10.0 * D * pairs, nbytes=2 * io)]
 
 
 # ---------------------------------------------------------------------------------------------
