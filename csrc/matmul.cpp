@@ -43,11 +43,12 @@ struct Epilogue {
     const float* bias;   // added to every row (first K block only), or null
 };
 
-// Where the micro-kernel reads its MR x kc slice of op(A): a packed micro-panel (ap[k * MR + r]),
-// or rows of A itself, row r at a + r * lda (contiguous in k). Reading a row-major A in place
-// skips packing it: packing costs one pass over the A block per task, which next to the
-// 2 * N FLOPs per element of the task is ~10% at N = 256 (measured: the 12 x 32 kernel runs at
-// the same 191-195 GFLOP/s on an L2-resident A either way, one core).
+// Where the micro-kernel reads its MR x kc slice of op(A):
+//   PackedA: op(A)(r, k) at ap[k * MR + r], a packed micro-panel;
+//   RowsA:   op(A)(r, k) at a[r * lda + k], a row-major A read in place.
+// Reading A in place skips packing it: packing costs one pass over the A block per task, which
+// next to the 2 * N FLOPs per element of the task is ~10% at N = 256 (measured: the 12 x 32
+// kernel runs at the same 191-195 GFLOP/s on an L2-resident A either way, one core).
 struct PackedA {
     const float* ap;
     float operator()(int64_t k, int r) const { return ap[k * MR + r]; }
@@ -191,6 +192,8 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
     // work: ~10% at N = 256, noise at N = 3072. Read in place, A's rows are KC-float pieces a
     // whole row apart, which at wide K cost more than packing saves. Measured on the 2-core VM,
     // in place vs packed: 2048 x 256 -> 256 302 vs 286 GFLOP/s; 2048^3 267 vs 294.
+    // A transposed is always packed: read in place, each k step would touch a new line 4 KiB
+    // (M floats) from the last, and a weight-gradient GEMM ran at 90 GFLOP/s instead of 154.
     const bool in_place_a = !trans_a && N <= kInPlaceMaxN;
 
 #pragma omp parallel num_threads(threads)
@@ -219,22 +222,21 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
                     const int64_t ic = units * rb / row_blocks * MR;
                     const int64_t mc = std::min(M, units * (rb + 1) / row_blocks * MR) - ic;
                     const int64_t jr_begin = panels * g / groups, jr_end = panels * (g + 1) / groups;
-                    // A row-major next to a narrow C is read in place (RowsA), all but a ragged
-                    // last micro-panel, which is packed zero-padded; otherwise the block is packed.
+                    // A row-major next to a narrow C is read in place, all but a ragged last
+                    // micro-panel, which is packed zero-padded; otherwise the block is packed.
                     const int64_t full = in_place_a ? mc / MR * MR : 0;
                     if (full < mc) pack_a(packed_a, a, trans_a, M, K, ic + full, mc - full, pc, kc);
                     for (int64_t jr = jr_begin; jr < jr_end; ++jr) {
                         const int64_t j0 = jc + jr * NR;
                         const int nr = (int)std::min<int64_t>(NR, N - j0);
                         const float* bp = packed_b + jr * kc * NR;
+                        float* cp = c + ic * N + j0;
                         Epilogue tile_ep{ep.add, ep.bias ? ep.bias + j0 : nullptr};
                         for (int64_t ir = 0; ir < full; ir += MR)
-                            micro_kernel(kc, RowsA{a + (ic + ir) * K + pc, K}, bp, c + (ic + ir) * N + j0,
-                                         N, MR, nr, tile_ep);
+                            micro_kernel(kc, RowsA{a + (ic + ir) * K + pc, K}, bp, cp + ir * N, N, MR, nr, tile_ep);
                         for (int64_t ir = full; ir < mc; ir += MR)
-                            micro_kernel(kc, PackedA{packed_a + (ir - full) * kc}, bp,
-                                         c + (ic + ir) * N + j0, N, (int)std::min<int64_t>(MR, mc - ir),
-                                         nr, tile_ep);
+                            micro_kernel(kc, PackedA{packed_a + (ir - full) * kc}, bp, cp + ir * N, N,
+                                         (int)std::min<int64_t>(MR, mc - ir), nr, tile_ep);
                     }
                 }
             }
