@@ -568,6 +568,43 @@ void set_num_threads(int n) {
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------
+// rope
+
+// The lowest and one-past-highest byte a (B, L, heads, D) view touches (elements >= 0 strides).
+std::pair<const char*, const char*> byte_span(const py::array& a, const float* p, const int64_t strides[3]) {
+    const char* lo = reinterpret_cast<const char*>(p);
+    int64_t last = a.shape(3) - 1;
+    for (int i = 0; i < 3; ++i) last += (a.shape(i) - 1) * strides[i];
+    return {lo, lo + (last + 1) * (int64_t)sizeof(float)};
+}
+
+// out = x rotated by rot (or its conjugate); x and out (B, T, H, D) views with a contiguous last
+// axis, rot (T, D/2) complex64 C-contiguous. Returns out.
+py::array rope(const py::array& x, const py::array& rot, py::array& out, bool conjugate) {
+    llmcore::RopeShape s{};
+    const float* px = strided_bshd(x, "x", s.x_strides);
+    float* po = const_cast<float*>(strided_bshd(out, "out", s.out_strides));
+    if (!out.writeable()) fail("out: expected a writeable array");
+    require_shape(out, "out", shape_of(x));
+    s.B = x.shape(0); s.T = x.shape(1); s.H = x.shape(2); s.D = x.shape(3);
+    if (s.D % 2) fail("x: RoPE rotates pairs, so the last axis must be even, got shape " + shape_str(x));
+    require_dtype(rot, "rot", py::dtype("complex64"), "complex64");
+    if (!(rot.flags() & py::array::c_style)) fail("rot: expected a C-contiguous array");
+    require_shape(rot, "rot", {(py::ssize_t)s.T, (py::ssize_t)(s.D / 2)});
+    for (int i = 0; i < 3; ++i)
+        if (s.x_strides[i] < 0 || s.out_strides[i] < 0) fail("x, out: negative strides are not supported");
+    if (x.size() == 0) return out;
+    const auto [xlo, xhi] = byte_span(x, px, s.x_strides);
+    const auto [olo, ohi] = byte_span(out, po, s.out_strides);
+    const bool same = px == po && std::equal(s.x_strides, s.x_strides + 3, s.out_strides);
+    if (!same && olo < xhi && xlo < ohi) fail("out: must be x itself or not overlap it");
+    const float* pr = static_cast<const float*>(rot.data());
+    py::gil_scoped_release nogil;
+    kernels().rope(po, px, pr, s, conjugate);
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -596,6 +633,8 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("scale"), py::arg("alibi_slopes") = py::none());
     m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("scale"), py::arg("alibi_slopes") = py::none());
+
+    m.def("rope", &rope, py::arg("x"), py::arg("rot"), py::arg("out"), py::arg("conjugate"));
 
     m.def("simd", [] { return std::string(kernels().isa); }, "The instruction set of the kernels in use.");
     m.def("supported_simd", &llmcore::supported_isas, "Instruction sets compiled in that this CPU can run.");

@@ -22,6 +22,7 @@ EmbeddingBackwardFn embedding_backward;
 AdamwStepFn adamw_step;
 AttentionForwardFn attention_forward;
 AttentionBackwardFn attention_backward;
+RopeFn rope;
 
 #define LLMCORE_STR2(x) #x
 #define LLMCORE_STR(x) LLMCORE_STR2(x)
@@ -45,6 +46,7 @@ extern const KernelTable kernels = {
     .adamw_step = adamw_step,
     .attention_forward = attention_forward,
     .attention_backward = attention_backward,
+    .rope = rope,
 };
 
 }  // namespace LLMCORE_ISA

@@ -80,6 +80,17 @@ using AttentionBackwardFn = void(float* dq, float* dk, float* dv, const float* d
                                  const float* lse, const AttentionShape& shape, bool causal,
                                  float scale, const float* alibi_slopes);
 
+// RoPE over x (B, T, H, D), D even: each pair (x[2i], x[2i+1]) of position t, read as a complex
+// number, is multiplied by rot[t][i] (rot (T, D/2) of interleaved (cos, sin)), or by its conjugate.
+// x and out have arbitrary (batch, seq, head) strides in elements and a contiguous last axis; out
+// is either x itself or does not overlap it.
+struct RopeShape {
+    int64_t B, T, H, D;
+    int64_t x_strides[3], out_strides[3];
+};
+using RopeFn = void(float* out, const float* x, const float* rot, const RopeShape& shape,
+                    bool conjugate);
+
 struct KernelTable {
     const char* isa;  // "generic", "avx2" or "avx512"
     GemmFn* gemm;
@@ -99,6 +110,7 @@ struct KernelTable {
     AdamwStepFn* adamw_step;
     AttentionForwardFn* attention_forward;
     AttentionBackwardFn* attention_backward;
+    RopeFn* rope;
 };
 
 // One table per compiled instruction set (kernel_table.cpp, compiled once per ISA).
