@@ -115,30 +115,55 @@ inline void micro_tile_nv(int nv, float* c, int64_t ldc, const float* a, int64_t
     micro_tile<R, 1>(c, ldc, a, ars, aks, b, ldb, kdim, accumulate, cscale);
 }
 
+// The part of a tile product that a causal mask leaves, for tiles on the diagonal (about half of
+// each): row r of C needs only
+//   kLanesBelow: lanes j < r + 1 + diag    (backward S and dP: rows are queries, lanes keys)
+//   kLanesFrom:  lanes i >= r - diag       (forward St: rows are keys, lanes queries)
+//   kStepsBelow: steps kk < r + 1 + diag   (backward dQ = dS K: the dS terms past it are 0)
+// Skipped lanes are left as they were (the caller masks them before reading); skipped steps add
+// zeros, so the result is bitwise the same. At T = 128 two of the three tile pairs of a head lie
+// on the diagonal.
+struct Band {
+    enum Kind { kAll, kLanesBelow, kLanesFrom, kStepsBelow };
+    Kind kind = kAll;
+    int64_t diag = 0;
+};
+
 // C (rows x lanes, row stride ldc) = or += A (rows x kdim; element (r, kk) at a[r*ars + kk*aks])
 // times B (kdim x lanes, row stride ldb). lanes must be a multiple of VEC; rows and kdim are free.
 // When accumulating, cscale (lanes,) if given first scales every row of C lane by lane (the online
-// softmax's rescaling of O, done here instead of in a pass of its own).
+// softmax's rescaling of O, done here instead of in a pass of its own). band limits the work to
+// what a causal mask keeps (above).
 // Lane groups outermost, so one group's B panel (kdim x NV*VEC) stays in L1 while all rows of
 // A stream past it.
+template <int R>
+void band_tile(float* c, int64_t ldc, const float* a, int64_t ars, int64_t aks, const float* b,
+               int64_t ldb, int64_t r, int64_t l0, int nv, int64_t kdim, bool accumulate,
+               const float* cscale, Band band) {
+    int64_t lo = l0, hi = l0 + nv * VEC, steps = kdim;
+    if (band.kind == Band::kLanesBelow) hi = std::min(hi, round_up(r + R + band.diag, VEC));
+    if (band.kind == Band::kLanesFrom) lo = std::max(lo, (r - band.diag) / VEC * VEC);
+    if (band.kind == Band::kStepsBelow) steps = std::clamp<int64_t>(r + R + band.diag, 0, kdim);
+    if (hi <= lo) return;
+    if (steps == 0 && accumulate) return;  // nothing to add (an overwrite still writes zeros)
+    micro_tile_nv<R>((int)((hi - lo) / VEC), c + r * ldc + lo, ldc, a + r * ars, ars, aks, b + lo,
+                     ldb, steps, accumulate, cscale ? cscale + lo : nullptr);
+}
+
 void tile_gemm(float* c, int64_t ldc, const float* a, int64_t ars, int64_t aks, const float* b,
                int64_t ldb, int64_t rows, int64_t kdim, int64_t lanes, bool accumulate,
-               const float* cscale = nullptr) {
+               const float* cscale = nullptr, Band band = {}) {
     for (int64_t l0 = 0; l0 < lanes; l0 += NV * VEC) {
         const int nv = (int)std::min<int64_t>(NV, (lanes - l0) / VEC);
-        const float* cs = cscale ? cscale + l0 : nullptr;
         int64_t r = 0;
         for (; r + MR <= rows; r += MR)
-            micro_tile_nv<MR>(nv, c + r * ldc + l0, ldc, a + r * ars, ars, aks, b + l0, ldb, kdim,
-                              accumulate, cs);
+            band_tile<MR>(c, ldc, a, ars, aks, b, ldb, r, l0, nv, kdim, accumulate, cscale, band);
         if constexpr (MR > 4) {
             for (; r + 4 <= rows; r += 4)
-                micro_tile_nv<4>(nv, c + r * ldc + l0, ldc, a + r * ars, ars, aks, b + l0, ldb, kdim,
-                                 accumulate, cs);
+                band_tile<4>(c, ldc, a, ars, aks, b, ldb, r, l0, nv, kdim, accumulate, cscale, band);
         }
         for (; r < rows; ++r)
-            micro_tile_nv<1>(nv, c + r * ldc + l0, ldc, a + r * ars, ars, aks, b + l0, ldb, kdim,
-                             accumulate, cs);
+            band_tile<1>(c, ldc, a, ars, aks, b, ldb, r, l0, nv, kdim, accumulate, cscale, band);
     }
 }
 
@@ -275,13 +300,14 @@ void forward_block(float* out, float* lse, const Problem& P, int64_t b, int64_t 
     if (kend <= 0) std::fill(ot, ot + D * W, 0.0f);  // no key at all (causal S < T, unchecked)
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
         const int64_t nk = std::min(BK, kend - j0);
-        // St (nk x W) = K Qt
-        tile_gemm(st, W, P.k_row(b, j0, hk), s.k_strides[1], 1, qt, W, nk, D, W, false);
+        const bool mask = P.causal && j0 + nk - 1 > p0;  // the tile crosses the diagonal
+        // St (nk x W) = K Qt, on a diagonal tile only where key j0 + j <= query p0 + i
+        tile_gemm(st, W, P.k_row(b, j0, hk), s.k_strides[1], 1, qt, W, nk, D, W, false, nullptr,
+                  mask ? Band{Band::kLanesFrom, p0 - j0} : Band{});
 
         // Scale, ALiBi and the causal mask (only on tiles that cross the diagonal), fused with
         // the column max. A NaN score never wins the max but comes back through exp(NaN - mu).
         std::copy(m, m + W, mx);
-        const bool mask = P.causal && j0 + nk - 1 > p0;
         for (int64_t j = 0; j < nk; ++j) {
             float* row = st + j * W;
             const float rel0 = (float)(p0 - (j0 + j));  // pos - key at lane 0 (exact below 2^24)
@@ -477,9 +503,11 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             // S (nq x kl) = Q Kt and dP (nq x kl) = dO Vt; then in one pass over both tiles
             // P = exp(S scale + bias - lse) (0 where masked or past the last key) and
             // dS = P (dP - delta) scale.
-            tile_gemm(pb, kl, qp, qs, 1, kt, kl, nq, D, kl, false);
-            tile_gemm(dsb, kl, dop, HD, 1, vt, kl, nq, D, kl, false);
+            // On a diagonal tile only keys j0 + j <= p0 + i are computed; the rest is masked below.
             const bool mask = P.causal && j0 + nk - 1 > p0;
+            const Band below = mask ? Band{Band::kLanesBelow, p0 - j0} : Band{};
+            tile_gemm(pb, kl, qp, qs, 1, kt, kl, nq, D, kl, false, nullptr, below);
+            tile_gemm(dsb, kl, dop, HD, 1, vt, kl, nq, D, kl, false, nullptr, below);
             for (int64_t i = 0; i < nq; ++i) {
                 float* prow = pb + i * kl;
                 float* drow = dsb + i * kl;
@@ -487,10 +515,10 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
 #pragma omp simd
                 for (int64_t j = 0; j < kl; ++j) {
                     const float rel = rel0 - (float)j;
-                    float p = fast_exp(biased_score(prow[j], scale, slope, rel) - li);
-                    p = (j >= nk || (mask && rel < 0.0f)) ? 0.0f : p;
-                    prow[j] = p;
-                    drow[j] = p * (drow[j] - di) * scale;
+                    const float p = fast_exp(biased_score(prow[j], scale, slope, rel) - li);
+                    const bool masked = j >= nk || (mask && rel < 0.0f);  // (never computed)
+                    prow[j] = masked ? 0.0f : p;
+                    drow[j] = masked ? 0.0f : p * (drow[j] - di) * scale;
                 }
             }
             // dVt (D x kl) += dO^T P;  dKt (D x kl) += Q^T dS.
@@ -500,14 +528,20 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             if (with_dq) {
                 // dQ (nq x D) += dS (nq x nk) K (nk x D), lanes along D.
                 float* dqp = g.dq + ((b * T + i0) * H + h) * D;
+                // The first key block is seen by every query: it writes dq, later ones add.
+                const bool add = j0 > 0;
+                const Band steps = mask ? Band{Band::kStepsBelow, p0 - j0} : Band{};
                 if (dq_direct) {
-                    tile_gemm(dqp, HD, dsb, kl, 1, kb, ks, nq, nk, D, true);
+                    tile_gemm(dqp, HD, dsb, kl, 1, kb, ks, nq, nk, D, add, nullptr, steps);
                 } else {
                     for (int64_t i = 0; i < nq; ++i) {
-                        std::copy(dqp + i * HD, dqp + i * HD + D, dqpad + i * Dp);
+                        if (add)
+                            std::copy(dqp + i * HD, dqp + i * HD + D, dqpad + i * Dp);
+                        else
+                            std::fill(dqpad + i * Dp, dqpad + i * Dp + D, 0.0f);
                         std::fill(dqpad + i * Dp + D, dqpad + (i + 1) * Dp, 0.0f);
                     }
-                    tile_gemm(dqpad, Dp, dsb, kl, 1, kpad, Dp, nq, nk, Dp, true);
+                    tile_gemm(dqpad, Dp, dsb, kl, 1, kpad, Dp, nq, nk, Dp, add, nullptr, steps);
                     for (int64_t i = 0; i < nq; ++i)
                         std::copy(dqpad + i * Dp, dqpad + i * Dp + D, dqp + i * HD);
                 }
@@ -620,6 +654,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                         const float* alibi_slopes) {
     const int64_t B = shape.B, T = shape.T, S = shape.S, H = shape.H, Hkv = shape.Hkv, D = shape.D;
     if (B == 0 || Hkv == 0) return;
+    if (S == 0) {  // no keys: every gradient is an empty sum (the Python layer rejects this case)
+        std::fill(dq, dq + B * T * H * D, 0.0f);
+        return;
+    }
     const Problem P{shape, q, k, v, causal, scale, alibi_slopes, H / Hkv, S - T};
 
     // delta (B, H, T) = rowsum(dout * out): the softmax backward's per-row term, once per row.
@@ -651,9 +689,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < pairs; ++t) {
                 const int64_t b = t / Hkv, hk = t % Hkv;
-                for (int64_t i = 0; i < T; ++i)
-                    std::fill(dq + ((b * T + i) * H + hk * P.G) * D,
-                              dq + ((b * T + i) * H + (hk + 1) * P.G) * D, 0.0f);
+                // Key block 0 writes this pair's dq rows (every query sees key 0), the rest add.
                 for (int64_t kb = 0; kb < nkb; ++kb) kv_block(P, g, b, hk, kb * BK, true, scratch);
             }
         }
