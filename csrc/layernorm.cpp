@@ -29,6 +29,41 @@ void layernorm_forward(float* y, float* mean, float* rstd, const float* x, const
     }
 }
 
+namespace {
+
+// Rows [r0, r1) of the backward, adding their dweight and dbias terms into dw and db. A plain
+// function, not the lambda's body: see rmsnorm.cpp (GCC 12 and `omp simd` over lambda captures).
+void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dy, const float* x,
+                             const float* weight, const float* mean, const float* rstd,
+                             int64_t r0, int64_t r1, int64_t C) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = x + r * C;
+        const float* dyr = dy + r * C;
+        float* dxr = dx + r * C;
+        const float m = mean[r], s = rstd[r];
+        // g = dy * weight is rounded once and kept in dx, so that g - mean(g) is exactly 0
+        // where it should be (C = 1) instead of an FMA's leftover rounding error.
+        float g_sum = 0.0f, gx_sum = 0.0f;
+#pragma omp simd reduction(+ : g_sum, gx_sum)
+        for (int64_t i = 0; i < C; ++i) {
+            const float g = dyr[i] * weight[i];
+            dxr[i] = g;
+            g_sum += g;
+            gx_sum += g * (xr[i] - m) * s;
+        }
+        const float g_mean = g_sum / (float)C, gx_mean = gx_sum / (float)C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) {
+            const float xhat = (xr[i] - m) * s;
+            dxr[i] = s * (dxr[i] - g_mean - xhat * gx_mean);
+            dw[i] += dyr[i] * xhat;
+            db[i] += dyr[i];
+        }
+    }
+}
+
+}  // namespace
+
 // With xhat = (x - mean) * rstd and g = dy * weight:
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); dweight = sum dy * xhat; dbias = sum dy.
 void layernorm_backward(float* dx, float* dweight, float* dbias, const float* dy, const float* x,
@@ -36,32 +71,7 @@ void layernorm_backward(float* dx, float* dweight, float* dbias, const float* dy
                         int64_t C) {
     float* const outs[2] = {dweight, dbias};
     sum_rows_into<2>(outs, rows, C, [&](int64_t r0, int64_t r1, float* const* partial) {
-        float* dw = partial[0];
-        float* db = partial[1];
-        for (int64_t r = r0; r < r1; ++r) {
-            const float* xr = x + r * C;
-            const float* dyr = dy + r * C;
-            float* dxr = dx + r * C;
-            const float m = mean[r], s = rstd[r];
-            // g = dy * weight is rounded once and kept in dx, so that g - mean(g) is exactly 0
-            // where it should be (C = 1) instead of an FMA's leftover rounding error.
-            float g_sum = 0.0f, gx_sum = 0.0f;
-#pragma omp simd reduction(+ : g_sum, gx_sum)
-            for (int64_t i = 0; i < C; ++i) {
-                const float g = dyr[i] * weight[i];
-                dxr[i] = g;
-                g_sum += g;
-                gx_sum += g * (xr[i] - m) * s;
-            }
-            const float g_mean = g_sum / (float)C, gx_mean = gx_sum / (float)C;
-#pragma omp simd
-            for (int64_t i = 0; i < C; ++i) {
-                const float xhat = (xr[i] - m) * s;
-                dxr[i] = s * (dxr[i] - g_mean - xhat * gx_mean);
-                dw[i] += dyr[i] * xhat;
-                db[i] += dyr[i];
-            }
-        }
+        layernorm_backward_rows(dx, partial[0], partial[1], dy, x, weight, mean, rstd, r0, r1, C);
     });
 }
 

@@ -22,27 +22,39 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* weight,
     }
 }
 
+namespace {
+
+// Rows [r0, r1) of the backward, adding their dweight terms into dw. A plain function rather than
+// the body of the lambda below: GCC 12 left the `omp simd` dot product scalar when it read the
+// lambda's captures (17 ms instead of 2.5 ms at 8192 x 1024 on one core).
+void rmsnorm_backward_rows(float* dx, float* dw, const float* dy, const float* x,
+                           const float* weight, const float* rstd, int64_t r0, int64_t r1,
+                           int64_t C) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = x + r * C;
+        const float* dyr = dy + r * C;
+        float* dxr = dx + r * C;
+        const float s = rstd[r];
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < C; ++i) dot += dyr[i] * weight[i] * xr[i];
+        const float k = s * s * s * dot / (float)C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) {
+            dxr[i] = s * dyr[i] * weight[i] - k * xr[i];
+            dw[i] += dyr[i] * xr[i] * s;
+        }
+    }
+}
+
+}  // namespace
+
 // With g = dy * weight: dx = rstd * g - x * rstd^3 * mean(g * x); dweight = sum_rows dy * x * rstd.
 void rmsnorm_backward(float* dx, float* dweight, const float* dy, const float* x,
                       const float* weight, const float* rstd, int64_t rows, int64_t C) {
     float* const outs[1] = {dweight};
     sum_rows_into<1>(outs, rows, C, [&](int64_t r0, int64_t r1, float* const* partial) {
-        float* dw = partial[0];
-        for (int64_t r = r0; r < r1; ++r) {
-            const float* xr = x + r * C;
-            const float* dyr = dy + r * C;
-            float* dxr = dx + r * C;
-            const float s = rstd[r];
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < C; ++i) dot += dyr[i] * weight[i] * xr[i];
-            const float k = s * s * s * dot / (float)C;
-#pragma omp simd
-            for (int64_t i = 0; i < C; ++i) {
-                dxr[i] = s * dyr[i] * weight[i] - k * xr[i];
-                dw[i] += dyr[i] * xr[i] * s;
-            }
-        }
+        rmsnorm_backward_rows(dx, partial[0], dy, x, weight, rstd, r0, r1, C);
     });
 }
 
