@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llmcore import data, ops  # noqa: E402
 from llmcore.model import GPT, GPTConfig  # noqa: E402
-from llmcore.optim import AdamW, clip_grad_norm  # noqa: E402
+from llmcore.optim import AdamW  # noqa: E402
+from llmcore.train import train_step  # noqa: E402
 
 MODELS = {
     # DESIGN.md / issue 5: the CPU comparison model (character vocabulary)
@@ -52,11 +53,7 @@ def time_llmcore(cfg, backend, batch, steps, warmup, tokens, seed=0):
     for i in range(warmup + steps):
         x, y = data.get_batch(tokens, batch, cfg.seq_len, rng)
         t0 = time.perf_counter()
-        _, loss = model.forward(x, y)
-        model.zero_grad()
-        model.backward()
-        clip_grad_norm(params, 1.0)
-        opt.step()
+        loss, _ = train_step(model, opt, x, y, lr=opt.lr, grad_clip=1.0)
         _sync("cuda" if backend == "cuda" else "cpu")
         losses.append(loss)
         if i >= warmup:

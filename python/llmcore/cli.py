@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from . import bench
+from . import attention_map, bench, calc, experiments
 
 
 def _cmd_info(args) -> int:
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     _add_train_parsers(sub)
     bench.add_parser(sub)
+    calc.add_parser(sub)
+    experiments.add_parser(sub)
+    attention_map.add_parser(sub)
     return parser
 
 

@@ -79,6 +79,22 @@ def resolve_settings(preset: str, overrides: dict) -> dict:
     return s
 
 
+def train_step(model, opt, x, y, *, lr: float, grad_clip: float) -> tuple[float, float]:
+    """One update: forward with the loss on tokens x and targets y, backward, global-norm clipping
+    at grad_clip, AdamW at lr. Returns (loss, gradient norm before clipping). When either is not
+    finite the update is skipped, so the weights stay the last good ones; the caller decides what
+    that means (`llmcore train` stops, an experiment raises)."""
+    _, loss = model.forward(x, y)
+    norm = float("nan")
+    if math.isfinite(loss):
+        model.zero_grad()
+        model.backward()
+        norm = clip_grad_norm(opt.params, grad_clip)
+    if math.isfinite(loss) and math.isfinite(norm):
+        opt.step(lr)
+    return loss, norm
+
+
 def evaluate(model, tokens, batch_size, seq_len, max_batches) -> float:
     """Mean loss per token over fixed validation windows (data.eval_batches)."""
     total, count = 0.0, 0
@@ -268,12 +284,7 @@ def _train(preset, out, resume, log, **overrides) -> int:
             t_step = time.perf_counter()
             lr = lr_schedule(step, max_lr=s["lr"], min_lr=min_lr, warmup=s["warmup"], total=total)
             x, y = data.get_batch(train_tokens, B, T, rng)
-            _, loss = model.forward(x, y)
-            norm = float("nan")
-            if math.isfinite(loss):
-                model.zero_grad()
-                model.backward()
-                norm = clip_grad_norm(params, s["grad_clip"])
+            loss, norm = train_step(model, opt, x, y, lr=lr, grad_clip=s["grad_clip"])
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 # Stop before the update: the weights on disk are the last good ones.
                 bar.close()
@@ -284,7 +295,6 @@ def _train(preset, out, resume, log, **overrides) -> int:
                     kept = "No checkpoint was written yet."
                 log(f"error: the {what} at step {step + 1}: stopping. {kept} Try a lower --lr.")
                 return 1
-            opt.step(lr)
             train_time += time.perf_counter() - t_step
             step += 1
             bar.update(1)
