@@ -85,6 +85,19 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
+def write_outputs(result: dict, out: Path, stem: str, plot, log=say) -> None:
+    """out/stem.json, then out/stem.png drawn by plot(result, path) (which returns its log line)."""
+    log(f"table: {write_json(Path(out) / f'{stem}.json', result)}")
+    log(plot(result, Path(out) / f"{stem}.png"))
+
+
+def save_figure(plt, fig, path: Path, dpi=100) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
 def pyplot():
     """matplotlib.pyplot with a file-only backend, or None when the plot extra is not installed."""
     try:

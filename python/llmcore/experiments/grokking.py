@@ -136,9 +136,7 @@ def run(s: GrokSettings, out, log=_common.say) -> dict:
             bar.close()
     result = summarise(s, rows, time.time() - t0)
     log(report_line(result))
-    _common.write_json(out / "grokking.json", result)
-    log(f"table: {out / 'grokking.json'}")
-    log(plot(result, out / "grokking.png"))
+    _common.write_outputs(result, out, "grokking", plot, log)
     return result
 
 
@@ -189,10 +187,7 @@ def plot(r, path: Path) -> str:
         ax.legend()
     fig.suptitle(f"a + b mod {s['p']}, {s['train_frac']:.0%} of pairs for training, weight decay {s['weight_decay']}\n"
                  + textwrap.fill(report_line(r), 150), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return f"plot: {path}"
+    return _common.save_figure(plt, fig, path)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -124,9 +124,7 @@ def run(s: PosSettings, out, data_path=None, log=_common.say) -> dict:
                       "all 2T positions, 'beyond_T' only positions T..2T-1", "rows": rows}
     for line in table(rows, s.seq_len):
         log(line)
-    _common.write_json(out / "positions.json", result)
-    log(f"table: {out / 'positions.json'}")
-    log(plot(result, out / "positions.png"))
+    _common.write_outputs(result, out, "positions", plot, log)
     return result
 
 
@@ -145,10 +143,7 @@ def plot(result, path: Path) -> str:
            title=f"trained on T={T} tokens, scored on 2T={2 * T}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return f"plot: {path}"
+    return _common.save_figure(plt, fig, path)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

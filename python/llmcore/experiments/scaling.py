@@ -259,9 +259,7 @@ def run(sweep: Sweep, out, device="cpu", data_path=None, log=_common.say) -> dic
               "runs": runs, **analyse(runs), "published": PUBLISHED, "seconds": time.time() - t0}
     for line in summary_lines(result):
         log(line)
-    _common.write_json(out / "scaling.json", result)
-    log(f"table: {out / 'scaling.json'}")
-    log(plot(result, out / "scaling.png"))
+    _common.write_outputs(result, out, "scaling", plot, log)
     return result
 
 
@@ -315,10 +313,7 @@ def plot(result, path: Path) -> str:
     for ax in (ax_c, ax_n, ax_opt):
         ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short log axes
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return f"plot: {path}"
+    return _common.save_figure(plt, fig, path)
 
 
 def _budgets(text: str) -> tuple:
