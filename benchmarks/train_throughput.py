@@ -4,10 +4,12 @@ and the same model in PyTorch eager (benchmarks/torch_gpt.py) on the same device
 One step = forward + cross-entropy, backward, global-norm clipping at 1.0, AdamW: what
 `llmcore train` does. Reports the median step time, tokens/s and model FLOP utilisation
 (6N + 12·L·C·T FLOPs per token over a peak: --peak-tflops, else on cuda the cuBLAS TF32 rate
-measured here, else none). Both models start from the same weights; their first losses are
-printed side by side as a check that they compute the same thing.
+measured here, on cpu the best float32 2048^3 matmul of llmcore, NumPy and torch measured here).
+Both models start from the same weights; their first losses are printed side by side as a check
+that they compute the same thing. --rounds alternates llmcore and torch, for ratios that machine
+speed drifting over minutes does not decide.
 
-    python benchmarks/train_throughput.py --device cpu                     # issue 5's model
+    python benchmarks/train_throughput.py --device cpu --numpy --rounds 5  # issue 5's model
     python benchmarks/train_throughput.py --device cuda --model gpt2-124m --json out.json
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ def time_llmcore(cfg, backend, batch, steps, warmup, tokens, seed=0):
         losses.append(loss)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times), losses, model
+    return times, losses, model
 
 
 def time_torch(model, device, batch, steps, warmup, tokens, precision, seed=0):
@@ -88,7 +90,7 @@ def time_torch(model, device, batch, steps, warmup, tokens, precision, seed=0):
         losses.append(float(loss))  # synchronises, as llmcore's float(loss) does
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times), losses
+    return times, losses
 
 
 def main(argv=None) -> int:
@@ -96,7 +98,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", choices=list(MODELS), default=None, help="default: cpu-small on cpu, gpt2-124m on cuda")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--steps", type=int, default=10, help="timed steps (median kept)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round (the median over all rounds is kept)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate llmcore and torch this many times (machine speed drifts over minutes; "
+                        "each round's ratio is printed, and the median step times are over every round)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", choices=["highest", "high", "medium"], default="high",
                    help="matmul precision on cuda, for both llmcore and torch (default high = TF32)")
@@ -115,26 +120,39 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         ops.set_matmul_precision(args.precision)
     backend = "cuda" if args.device == "cuda" else "cpu"
-    step_s, losses, model = time_llmcore(cfg, backend, batch, args.steps, args.warmup, tokens)
+    torch_name = "torch-eager-" + args.device
+    use_torch = not args.no_torch
+    if use_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("torch is not installed: no PyTorch column", file=sys.stderr)
+            use_torch = False
+    times = {"llmcore-" + backend: [], **({torch_name: []} if use_torch else {})}
+    first_losses, ratios = {}, []
+    for _ in range(max(1, args.rounds)):
+        t, losses, model = time_llmcore(cfg, backend, batch, args.steps, args.warmup, tokens)
+        times["llmcore-" + backend] += t
+        first_losses["llmcore-" + backend] = losses[:3]
+        if use_torch:
+            tt, t_losses = time_torch(GPT(cfg, backend=backend, seed=0), args.device, batch,
+                                      args.steps, args.warmup, tokens, args.precision)
+            times[torch_name] += tt
+            first_losses[torch_name] = t_losses[:3]
+            ratios.append(statistics.median(tt) / statistics.median(t))
+    if args.numpy:
+        t, np_losses, _ = time_llmcore(cfg, "numpy", batch, max(2, args.steps // 5), 1, tokens)
+        times["llmcore-numpy"], first_losses["llmcore-numpy"] = t, np_losses[:3]
     n_params = model.num_params()
     from torch_gpt import flops_per_token
 
     fpt = flops_per_token(cfg, n_params)
     tok = batch * cfg.seq_len
-    rows = {"llmcore-" + backend: {"step_ms": 1e3 * step_s, "tokens_per_s": tok / step_s, "first_losses": losses[:3]}}
-    if args.numpy:
-        np_s, np_losses, _ = time_llmcore(cfg, "numpy", batch, max(2, args.steps // 5), 1, tokens)
-        rows["llmcore-numpy"] = {"step_ms": 1e3 * np_s, "tokens_per_s": tok / np_s, "first_losses": np_losses[:3]}
-    if not args.no_torch:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            print("torch is not installed: no PyTorch column", file=sys.stderr)
-        else:
-            t_s, t_losses = time_torch(GPT(cfg, backend=backend, seed=0), args.device, batch,
-                                       args.steps, args.warmup, tokens, args.precision)
-            rows["torch-eager-" + args.device] = {"step_ms": 1e3 * t_s, "tokens_per_s": tok / t_s,
-                                                  "first_losses": t_losses[:3]}
+    rows = {}
+    for key, t in times.items():
+        step_s = statistics.median(t)
+        rows[key] = {"step_ms": 1e3 * step_s, "tokens_per_s": tok / step_s, "first_losses": first_losses[key],
+                     "steps_timed": len(t)}
     peak = args.peak_tflops
     if peak is None and args.device == "cuda" and not args.no_torch:
         import torch
@@ -149,22 +167,34 @@ def main(argv=None) -> int:
             a @ a
         torch.cuda.synchronize()
         peak = 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
+    if peak is None and args.device == "cpu":  # the best 2048^3 matmul of llmcore, NumPy and torch here
+        from llmcore.bench import measure_ceilings
+
+        peak = measure_ceilings(quick=True, torch=torch if use_torch else None)["matmul_gflops"] / 1e3
     for r in rows.values():
         r["mfu"] = None if peak is None else r["tokens_per_s"] * fpt / (peak * 1e12)
     ours = rows["llmcore-" + backend]["tokens_per_s"]
     print(f"model {name}: {n_params / 1e6:.1f}M parameters, batch {batch} x {cfg.seq_len}, "
           f"{fpt / 1e9:.2f} GFLOP/token; device {args.device}, matmul precision {args.precision}"
-          + (f"; MFU against {peak:.0f} TFLOP/s" if peak else ""))
+          + (f"; MFU against {peak:.3g} TFLOP/s" if peak else ""))
     for key, r in rows.items():
         mfu = "" if r["mfu"] is None else f"  MFU {100 * r['mfu']:.1f}%"
         print(f"  {key:<18} {r['step_ms']:9.1f} ms/step  {r['tokens_per_s']:10.0f} tok/s  "
               f"x{ours / r['tokens_per_s']:.2f} (llmcore / this){mfu}  first losses "
               + ", ".join(f"{x:.4f}" for x in r["first_losses"]))
+    if ratios:
+        print(f"  llmcore / torch per round: {', '.join(f'{r:.2f}' for r in ratios)}"
+              f" (median {statistics.median(ratios):.2f})")
     if args.json:
+        import llmcore
+        from llmcore.bench import machine_info
+
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv, "model": name, "config": cfg.to_dict(), "batch": batch,
                        "n_params": n_params, "flops_per_token": fpt, "peak_tflops": peak,
-                       "precision": args.precision, "rows": rows}, f, indent=1)
+                       "precision": args.precision, "rounds": args.rounds, "ratio_per_round": ratios,
+                       "threads": llmcore.get_num_threads(), "machine": machine_info(), "rows": rows},
+                      f, indent=1, default=str)
     return 0
 
 
