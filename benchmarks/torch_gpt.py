@@ -99,9 +99,3 @@ def from_llmcore(model, device) -> TorchGPT:
     if unexpected or [m for m in missing if not m.endswith(".bias")]:
         raise RuntimeError(f"parameter names differ: missing {missing}, unexpected {unexpected}")
     return t
-
-
-def flops_per_token(cfg, n_params: int) -> float:
-    """6N + 12·L·C·T (DESIGN.md): the matmul work of a forward and backward pass per token."""
-    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
-

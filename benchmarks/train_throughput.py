@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from llmcore import data, ops  # noqa: E402
 from llmcore.model import GPT, GPTConfig  # noqa: E402
 from llmcore.optim import AdamW  # noqa: E402
-from llmcore.train import train_step  # noqa: E402
+from llmcore.train import flops_per_token, train_step  # noqa: E402
 
 MODELS = {
     # DESIGN.md / issue 5: the CPU comparison model (character vocabulary)
@@ -144,8 +144,6 @@ def main(argv=None) -> int:
         t, np_losses, _ = time_llmcore(cfg, "numpy", batch, max(2, args.steps // 5), 1, tokens)
         times["llmcore-numpy"], first_losses["llmcore-numpy"] = t, np_losses[:3]
     n_params = model.num_params()
-    from torch_gpt import flops_per_token
-
     fpt = flops_per_token(cfg, n_params)
     tok = batch * cfg.seq_len
     rows = {}

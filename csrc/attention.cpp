@@ -534,11 +534,8 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
                 if (dq_direct) {
                     tile_gemm(dqp, HD, dsb, kl, 1, kb, ks, nq, nk, D, add, nullptr, steps);
                 } else {
-                    for (int64_t i = 0; i < nq; ++i) {
-                        if (add)
-                            std::copy(dqp + i * HD, dqp + i * HD + D, dqpad + i * Dp);
-                        else
-                            std::fill(dqpad + i * Dp, dqpad + i * Dp + D, 0.0f);
+                    for (int64_t i = 0; add && i < nq; ++i) {  // (an overwrite writes every lane)
+                        std::copy(dqp + i * HD, dqp + i * HD + D, dqpad + i * Dp);
                         std::fill(dqpad + i * Dp + D, dqpad + (i + 1) * Dp, 0.0f);
                     }
                     tile_gemm(dqpad, Dp, dsb, kl, 1, kpad, Dp, nq, nk, Dp, add, nullptr, steps);

@@ -3,11 +3,9 @@
 
 #include <sys/mman.h>
 
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <new>
-#include <string>
 
 namespace llmcore::pool {
 namespace {
@@ -17,20 +15,10 @@ constexpr size_t kGranule = size_t(2) << 20;
 
 size_t round_up(size_t bytes) { return (bytes + kGranule - 1) / kGranule * kGranule; }
 
-size_t limit_from_env() {
-    const char* s = std::getenv("LLMCORE_POOL_LIMIT_MB");
-    if (s && *s) {
-        char* end = nullptr;
-        const unsigned long long mb = std::strtoull(s, &end, 10);
-        if (end && *end == '\0') return size_t(mb) << 20;
-    }
-    return size_t(2048) << 20;
-}
-
 struct Pool {
     std::mutex mutex;
     std::multimap<size_t, void*> free_blocks;  // by capacity
-    size_t cached = 0, in_use = 0, limit = limit_from_env();
+    size_t cached = 0, in_use = 0, limit = size_t(2048) << 20;  // llmcore.set_memory_limit
     uint64_t hits = 0, misses = 0;
 };
 

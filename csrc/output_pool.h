@@ -10,8 +10,9 @@
 // device memory. A training step allocates the same sizes every step, so after the first step
 // its activations and gradients reuse the previous step's memory.
 //
-// Cached (free) bytes never exceed the limit (LLMCORE_POOL_LIMIT_MB, default 2048); beyond it a
-// freed block is returned to the kernel. llmcore.empty_cache() releases every cached block.
+// Cached (free) bytes never exceed the limit (default 2 GiB; llmcore.set_memory_limit and
+// LLMCORE_POOL_LIMIT_MB set it); beyond it a freed block is returned to the kernel.
+// llmcore.empty_cache() releases every cached block.
 #pragma once
 
 #include <cstddef>

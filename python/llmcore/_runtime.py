@@ -1,5 +1,6 @@
-"""Runtime settings of the CPU core: threads and the SIMD level, read from the environment at
-import (LLMCORE_NUM_THREADS, LLMCORE_SIMD) and changeable afterwards."""
+"""Runtime settings of the CPU core: threads, the SIMD level and the output pool's limit, read from
+the environment at import (LLMCORE_NUM_THREADS, LLMCORE_SIMD, LLMCORE_POOL_LIMIT_MB) and
+changeable afterwards."""
 from __future__ import annotations
 
 import os
@@ -107,6 +108,12 @@ def _apply_environment() -> None:
         except ValueError:
             raise ValueError(f"LLMCORE_NUM_THREADS: expected a positive integer, got {threads!r}") from None
         set_num_threads(n)
+    limit = os.environ.get("LLMCORE_POOL_LIMIT_MB")
+    if limit:
+        try:
+            set_memory_limit(int(limit))
+        except ValueError:
+            raise ValueError(f"LLMCORE_POOL_LIMIT_MB: expected an integer >= 0, got {limit!r}") from None
     level = os.environ.get("LLMCORE_SIMD")
     if level:
         try:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import calc, data, nn
 from . import checkpoint as ckpt
-from . import data, nn
 from .ops import get_matmul_precision, set_matmul_precision
 from .ops.matmul import MATMUL_PRECISIONS
 from .model import GPT, GPTConfig
@@ -156,8 +156,9 @@ def plot_losses(rows, path: Path) -> str:
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
-    """6N + 12·L·C·T (DESIGN.md): the matmul FLOPs of one forward and backward pass per token."""
-    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
+    """6N + 12·L·C·T (DESIGN.md, calc.flops_per_token): the matmul FLOPs of one forward and
+    backward pass per token of this model."""
+    return calc.flops_per_token(n_params, cfg.n_layer, cfg.d_model, cfg.seq_len)
 
 
 def _apply_matmul_precision(s, log) -> str:
