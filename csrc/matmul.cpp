@@ -1,9 +1,9 @@
 // matmul: a packed, cache-blocked GEMM around a register-tiled micro-kernel (the BLIS/GotoBLAS
 // structure), plus the bias gradient of linear layers.
 //
-//   for jc in N by NC:            B panel (KC x NC) packed once, shared by all threads (L3)
-//     for pc in K by KC:
-//       for ic in M by MC:        A block (MC x KC) packed per thread (L2)       <- parallel
+//   for jc in N by NC:            B panel (all of K x NC) packed once, shared by all threads (L3)
+//     for ic in M by MC:          one task per row block (x group of columns)     <- parallel
+//       for pc in K by KC:        A block (MC x KC) packed per task (L2)
 //         for jr in NC by NR:     B micro-panel (KC x NR) reused across ir (L1)
 //           for ir in MC by MR:   MR x NR accumulators in registers
 //
@@ -31,7 +31,8 @@ constexpr int NR = 2 * VEC;
 // A micro-panels stream past it from L2.
 constexpr int64_t KC = 256;
 constexpr int64_t MC = MR * 24;  // a MC x KC block of A: 144-288 KiB, well inside L2
-constexpr int64_t NC = 4096;  // a KC x NC panel of B is 3-4 MiB, shared in L3
+constexpr int64_t NC = 4096;  // the widest B panel
+constexpr int64_t kPackedB = 1 << 21;  // floats of packed B (8 MiB), shared in L3
 constexpr int64_t kInPlaceMaxN = 512;  // the widest C for which A is read without packing
 
 
@@ -185,8 +186,12 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
                 c[i * N + j] = (accumulate ? c[i * N + j] : 0.0f) + (bias ? bias[j] : 0.0f);
         return;
     }
-    const int64_t nc_max = std::min(NC, ceil_div(N, NR) * NR);
-    float* packed_b = tls_packed_b.get(std::min(KC, K) * nc_max);
+    // The B panel holds every K block of its columns, packed before any product starts: one
+    // barrier per panel instead of two per K block (a weight gradient, K = 2048 tokens, had 16),
+    // and each task then runs its whole K loop alone with its C block warm in L2. Panels are as
+    // wide as kPackedB floats allow at this K, at least one micro-panel.
+    const int64_t nc_max = std::min({NC, ceil_div(N, NR) * NR, std::max<int64_t>(NR, kPackedB / K / NR * NR)});
+    float* packed_b = tls_packed_b.get(K * nc_max);
     const int threads = parallel ? max_threads() : 1;
     // Packing an A block costs one pass over it per task, against 2 * N FLOPs per element of
     // work: ~10% at N = 256, noise at N = 3072. Read in place, A's rows are KC-float pieces a
@@ -195,48 +200,53 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
     // A transposed is always packed: read in place, each k step would touch a new line 4 KiB
     // (M floats) from the last, and a weight-gradient GEMM ran at 90 GFLOP/s instead of 154.
     const bool in_place_a = !trans_a && N <= kInPlaceMaxN;
+    const int64_t kblocks = ceil_div(K, KC);
 
 #pragma omp parallel num_threads(threads)
     {
         float* packed_a = tls_packed_a.get(MC * std::min(KC, K));
-        for (int64_t jc = 0; jc < N; jc += NC) {
-            const int64_t nc = std::min(NC, N - jc);
+        for (int64_t jc = 0; jc < N; jc += nc_max) {
+            const int64_t nc = std::min(nc_max, N - jc);
             const int64_t panels = ceil_div(nc, NR);
-            for (int64_t pc = 0; pc < K; pc += KC) {
-                const int64_t kc = std::min(KC, K - pc);
+            // K block p (rows pc = p KC .. pc + kc) of micro-panel jr at packed_b[pc * panels NR
+            // + jr * kc * NR]: each block's panels one after another.
 #pragma omp for schedule(static)
-                for (int64_t jr = 0; jr < panels; ++jr)
-                    pack_b_panel(packed_b + jr * kc * NR, b, trans_b, N, K, jc + jr * NR, pc, kc);
+            for (int64_t t = 0; t < kblocks * panels; ++t) {
+                const int64_t pc = t / panels * KC, jr = t % panels, kc = std::min(KC, K - pc);
+                pack_b_panel(packed_b + pc * panels * NR + jr * kc * NR, b, trans_b, N, K, jc + jr * NR, pc, kc);
+            }
 
-                // Tasks: row blocks x groups of B micro-panels, as equal as MR-row granularity
-                // allows and a multiple of the thread count, so no thread waits at the barrier
-                // for a straggler (2048 rows as 7 blocks of 288 and one of 32 left one of two
-                // threads idle 12% of the time).
-                const int64_t units = ceil_div(M, MR);  // MR-row micro-panels of A
-                const int64_t row_blocks = std::min(units, ceil_div(ceil_div(units, MC / MR), threads) * threads);
-                const int64_t groups = std::min(panels, ceil_div(2 * threads, row_blocks));
-                const Epilogue ep{accumulate || pc > 0, pc == 0 ? bias : nullptr};
+            // Tasks: row blocks x groups of B micro-panels, as equal as MR-row granularity
+            // allows and a multiple of the thread count, so no thread waits at the barrier
+            // for a straggler (2048 rows as 7 blocks of 288 and one of 32 left one of two
+            // threads idle 12% of the time).
+            const int64_t units = ceil_div(M, MR);  // MR-row micro-panels of A
+            const int64_t row_blocks = std::min(units, ceil_div(ceil_div(units, MC / MR), threads) * threads);
+            const int64_t groups = std::min(panels, ceil_div(2 * threads, row_blocks));
 #pragma omp for schedule(dynamic, 1)
-                for (int64_t task = 0; task < row_blocks * groups; ++task) {
-                    const int64_t rb = task / groups, g = task % groups;
-                    const int64_t ic = units * rb / row_blocks * MR;
-                    const int64_t mc = std::min(M, units * (rb + 1) / row_blocks * MR) - ic;
-                    const int64_t jr_begin = panels * g / groups, jr_end = panels * (g + 1) / groups;
-                    // A row-major next to a narrow C is read in place, all but a ragged last
-                    // micro-panel, which is packed zero-padded; otherwise the block is packed.
-                    const int64_t full = in_place_a ? mc / MR * MR : 0;
+            for (int64_t task = 0; task < row_blocks * groups; ++task) {
+                const int64_t rb = task / groups, g = task % groups;
+                const int64_t ic = units * rb / row_blocks * MR;
+                const int64_t mc = std::min(M, units * (rb + 1) / row_blocks * MR) - ic;
+                const int64_t jr_begin = panels * g / groups, jr_end = panels * (g + 1) / groups;
+                // A row-major next to a narrow C is read in place, all but a ragged last
+                // micro-panel, which is packed zero-padded; otherwise the block is packed.
+                const int64_t full = in_place_a ? mc / MR * MR : 0;
+                for (int64_t pc = 0; pc < K; pc += KC) {
+                    const int64_t kc = std::min(KC, K - pc);
                     if (full < mc) pack_a(packed_a, a, trans_a, M, K, ic + full, mc - full, pc, kc);
                     for (int64_t jr = jr_begin; jr < jr_end; ++jr) {
                         const int64_t j0 = jc + jr * NR;
                         const int nr = (int)std::min<int64_t>(NR, N - j0);
-                        const float* bp = packed_b + jr * kc * NR;
+                        const float* bp = packed_b + pc * panels * NR + jr * kc * NR;
                         float* cp = c + ic * N + j0;
-                        Epilogue tile_ep{ep.add, ep.bias ? ep.bias + j0 : nullptr};
+                        // The first K block overwrites (plus bias), later ones add.
+                        const Epilogue ep{accumulate || pc > 0, pc == 0 && bias ? bias + j0 : nullptr};
                         for (int64_t ir = 0; ir < full; ir += MR)
-                            micro_kernel(kc, RowsA{a + (ic + ir) * K + pc, K}, bp, cp + ir * N, N, MR, nr, tile_ep);
+                            micro_kernel(kc, RowsA{a + (ic + ir) * K + pc, K}, bp, cp + ir * N, N, MR, nr, ep);
                         for (int64_t ir = full; ir < mc; ir += MR)
                             micro_kernel(kc, PackedA{packed_a + (ir - full) * kc}, bp, cp + ir * N, N,
-                                         (int)std::min<int64_t>(MR, mc - ir), nr, tile_ep);
+                                         (int)std::min<int64_t>(MR, mc - ir), nr, ep);
                     }
                 }
             }
