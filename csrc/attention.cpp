@@ -7,8 +7,9 @@
 //
 // Every matrix product is one routine, tile_gemm: C (rows x lanes) (+)= A (rows x kdim) B (kdim x
 // lanes), B and C row-major with `lanes` (a multiple of the vector width) contiguous floats per
-// row, A read one broadcast scalar at a time through arbitrary strides. So A needs no packing: K,
-// V, q and dout are read in place, and the only transposes happen once per task, never per tile.
+// row, A read one broadcast scalar at a time through arbitrary strides. So A needs no packing:
+// the forward reads K and V in place; the backward copies rows that it reads as B into
+// contiguous blocks (below), and transposes only the K and V blocks, once per task.
 //
 // Forward, one task per (batch, head, block of BQ queries), queries along the vector lanes:
 //   Qt (D x W)  = the query block, transposed                       once per task
@@ -25,7 +26,7 @@
 //   kv pass, one task per (batch, kv head, key block), keys along the lanes. The task loops over
 //   the G query heads of its group and over every query block that sees its keys:
 //     S (nq x kl) = Q Kt,  P = exp(S scale + bias - lse),  dP = dO Vt,  dS
-//     dVt (D x kl) += dO^T P,  dKt (D x kl) += Q^T dS
+//     dV (nk x D) += P^T dO,  dK (nk x D) += dS^T Q
 //   so the GQA/MQA reduction over the group happens inside the tile, and each dk/dv row has one
 //   owner (no races, no per-query-head buffers, no expanded K/V).
 //   dq: dQ (nq x D) += dS K needs every key block of a query row. When there are enough (batch,
@@ -120,11 +121,13 @@ inline void micro_tile_nv(int nv, float* c, int64_t ldc, const float* a, int64_t
 //   kLanesBelow: lanes j < r + 1 + diag    (backward S and dP: rows are queries, lanes keys)
 //   kLanesFrom:  lanes i >= r - diag       (forward St: rows are keys, lanes queries)
 //   kStepsBelow: steps kk < r + 1 + diag   (backward dQ = dS K: the dS terms past it are 0)
+//   kStepsFrom:  steps kk >= r - diag      (backward dK = dS^T Q, dV = P^T dO: rows are keys,
+//                                           steps queries; the terms before it are 0)
 // Skipped lanes are left as they were (the caller masks them before reading); skipped steps add
 // zeros, so the result is bitwise the same. At T = 128 two of the three tile pairs of a head lie
 // on the diagonal.
 struct Band {
-    enum Kind { kAll, kLanesBelow, kLanesFrom, kStepsBelow };
+    enum Kind { kAll, kLanesBelow, kLanesFrom, kStepsBelow, kStepsFrom };
     Kind kind = kAll;
     int64_t diag = 0;
 };
@@ -140,14 +143,16 @@ template <int R>
 void band_tile(float* c, int64_t ldc, const float* a, int64_t ars, int64_t aks, const float* b,
                int64_t ldb, int64_t r, int64_t l0, int nv, int64_t kdim, bool accumulate,
                const float* cscale, Band band) {
-    int64_t lo = l0, hi = l0 + nv * VEC, steps = kdim;
+    int64_t lo = l0, hi = l0 + nv * VEC, first = 0, steps = kdim;
     if (band.kind == Band::kLanesBelow) hi = std::min(hi, round_up(r + R + band.diag, VEC));
     if (band.kind == Band::kLanesFrom) lo = std::max(lo, (r - band.diag) / VEC * VEC);
     if (band.kind == Band::kStepsBelow) steps = std::clamp<int64_t>(r + R + band.diag, 0, kdim);
+    if (band.kind == Band::kStepsFrom) first = std::clamp<int64_t>(r - band.diag, 0, kdim);
     if (hi <= lo) return;
-    if (steps == 0 && accumulate) return;  // nothing to add (an overwrite still writes zeros)
-    micro_tile_nv<R>((int)((hi - lo) / VEC), c + r * ldc + lo, ldc, a + r * ars, ars, aks, b + lo,
-                     ldb, steps, accumulate, cscale ? cscale + lo : nullptr);
+    if (steps == first && accumulate) return;  // nothing to add (an overwrite still writes zeros)
+    micro_tile_nv<R>((int)((hi - lo) / VEC), c + r * ldc + lo, ldc, a + r * ars + first * aks, ars,
+                     aks, b + first * ldb + lo, ldb, steps - first, accumulate,
+                     cscale ? cscale + lo : nullptr);
 }
 
 void tile_gemm(float* c, int64_t ldc, const float* a, int64_t ars, int64_t aks, const float* b,
@@ -477,43 +482,48 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
     const int64_t D = s.D, T = s.T, H = s.H, nk = std::min(BK, s.S - j0), kl = round_up(nk, VEC);
     const int64_t qs = s.q_strides[1], ks = s.k_strides[1], HD = H * D;
     const float scale = P.scale;
-    // dq in place when its rows are whole vectors, otherwise through a zero-padded copy. K always
-    // goes through a contiguous copy: read in place, as the dq product's B rows a whole (T, H, D)
-    // row apart (2 KiB at H = 8, D = 64), the 64 rows of a key block fall into a few L1 sets and
-    // are fetched from L2 again for every 6-row tile (the dq product ran at half the speed of
-    // the others: 2.6 against 1.3-1.7 ms of the backward at B4 H8 T512 D64).
+    // Rows that a product reads as B (or writes as C) go through contiguous, zero-padded copies
+    // of Dp floats: read in place, a whole (T, H, D) row apart (2 KiB at H = 8, D = 64), the 64
+    // rows of a block fall into a few L1 sets and are fetched from L2 again for every 6-row tile
+    // (the dq product ran at half the speed of the others before K was copied). dK and dV
+    // accumulate as rows (keys x D), so they leave with a row copy, not a transpose (the
+    // transposes of dK^T and dV^T cost 7% of the backward at B4 H8 T512 D64, perf).
     const bool dq_direct = D % VEC == 0;
     const int64_t Dp = round_up(D, VEC);
-    float* kt = scratch;           // (D, kl)  K^T of the block, zero lanes past nk
-    float* vt = kt + D * BK;       // (D, kl)  V^T
-    float* dkt = vt + D * BK;      // (D, kl)  dK^T accumulator
-    float* dvt = dkt + D * BK;     // (D, kl)  dV^T accumulator
-    float* pb = dvt + D * BK;      // (BQ, kl) P
-    float* dsb = pb + BQ * BK;     // (BQ, kl) dP, then dS
-    float* kpad = dsb + BQ * BK;   // (BK, Dp) K rows, contiguous, zero-padded
-    float* dqpad = kpad + BK * Dp; // (BQ, Dp) dq rows, zero-padded (odd D only)
+    float* kt = scratch;           // (D, kl)   K^T of the block, zero lanes past nk
+    float* vt = kt + D * BK;       // (D, kl)   V^T
+    float* dkb = vt + D * BK;      // (nk, Dp)  dK accumulator
+    float* dvb = dkb + BK * Dp;    // (nk, Dp)  dV accumulator
+    float* pb = dvb + BK * Dp;     // (nq, kl)  P
+    float* dsb = pb + BQ * BK;     // (nq, kl)  dP, then dS
+    float* kpad = dsb + BQ * BK;   // (nk, Dp)  K rows
+    float* qc = kpad + BK * Dp;    // (nq, Dp)  Q rows of the query block
+    float* dc = qc + BQ * Dp;      // (nq, Dp)  dout rows
+    float* dqpad = dc + BQ * Dp;   // (nq, Dp)  dq rows (odd D only)
 
+    // rows x D floats (row i at src + i*stride) -> dst (rows x Dp), zero lanes past D.
+    auto copy_rows = [D, Dp](float* dst, const float* src, int64_t stride, int64_t rows) {
+        for (int64_t i = 0; i < rows; ++i) {
+            std::copy(src + i * stride, src + i * stride + D, dst + i * Dp);
+            std::fill(dst + i * Dp + D, dst + (i + 1) * Dp, 0.0f);
+        }
+    };
     const float* kb = P.k_row(b, j0, hk);
     transpose_in(kt, kl, kb, ks, nk, D);
     transpose_in(vt, kl, P.v_row(b, j0, hk), s.v_strides[1], nk, D);
-    if (with_dq) {
-        for (int64_t j = 0; j < nk; ++j) {
-            std::copy(kb + j * ks, kb + j * ks + D, kpad + j * Dp);
-            std::fill(kpad + j * Dp + D, kpad + (j + 1) * Dp, 0.0f);
-        }
-    }
+    if (with_dq) copy_rows(kpad, kb, ks, nk);
 
     // The first query that sees key j0 is j0 - off; earlier query blocks are skipped.
     const int64_t i_first = P.causal ? std::max<int64_t>(0, j0 - P.off) : 0;
-    bool first = true;  // the first tile pair writes dKt and dVt, later ones add
+    bool first = true;  // the first tile pair writes dK and dV, later ones add
     for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
         const float slope = P.slope(h);
         for (int64_t i0 = i_first / BQ * BQ; i0 < T; i0 += BQ) {
             const int64_t nq = std::min(BQ, T - i0), p0 = P.off + i0;
-            const float* qp = P.q_row(b, i0, h);
-            const float* dop = g.dout + ((b * T + i0) * H + h) * D;
             const float* lp = g.lse + (b * H + h) * T + i0;
             const float* dlp = g.delta + (b * H + h) * T + i0;
+            copy_rows(qc, P.q_row(b, i0, h), qs, nq);
+            copy_rows(dc, g.dout + ((b * T + i0) * H + h) * D, HD, nq);
 
             // S (nq x kl) = Q Kt and dP (nq x kl) = dO Vt; then in one pass over both tiles
             // P = exp(S scale + bias - lse) (0 where masked or past the last key) and
@@ -521,8 +531,8 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             // On a diagonal tile only keys j0 + j <= p0 + i are computed; the rest is masked below.
             const bool mask = P.causal && j0 + nk - 1 > p0;
             const Band below = mask ? Band{Band::kLanesBelow, p0 - j0} : Band{};
-            tile_gemm(pb, kl, qp, qs, 1, kt, kl, nq, D, kl, false, nullptr, below);
-            tile_gemm(dsb, kl, dop, HD, 1, vt, kl, nq, D, kl, false, nullptr, below);
+            tile_gemm(pb, kl, qc, Dp, 1, kt, kl, nq, D, kl, false, nullptr, below);
+            tile_gemm(dsb, kl, dc, Dp, 1, vt, kl, nq, D, kl, false, nullptr, below);
             for (int64_t i = 0; i < nq; ++i) {
                 float* prow = pb + i * kl;
                 float* drow = dsb + i * kl;
@@ -537,9 +547,11 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
                     store(drow + j, masked ? vfloat{} : p * (load(drow + j) - di) * scale);
                 }
             }
-            // dVt (D x kl) += dO^T P;  dKt (D x kl) += Q^T dS.
-            tile_gemm(dvt, kl, dop, 1, HD, pb, kl, D, nq, kl, !first);
-            tile_gemm(dkt, kl, qp, 1, qs, dsb, kl, D, nq, kl, !first);
+            // dV (nk x Dp) += P^T dO;  dK (nk x Dp) += dS^T Q. On a diagonal tile key j sees
+            // only queries i >= j - (p0 - j0): the terms before are zeros and are skipped.
+            const Band from = mask ? Band{Band::kStepsFrom, p0 - j0} : Band{};
+            tile_gemm(dvb, Dp, pb, 1, kl, dc, Dp, nk, nq, Dp, !first, nullptr, from);
+            tile_gemm(dkb, Dp, dsb, 1, kl, qc, Dp, nk, nq, Dp, !first, nullptr, from);
             first = false;
             if (with_dq) {
                 // dQ (nq x D) += dS (nq x nk) K (nk x D), lanes along D.
@@ -550,10 +562,7 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
                 if (dq_direct) {
                     tile_gemm(dqp, HD, dsb, kl, 1, kpad, Dp, nq, nk, D, add, nullptr, steps);
                 } else {
-                    for (int64_t i = 0; add && i < nq; ++i) {  // (an overwrite writes every lane)
-                        std::copy(dqp + i * HD, dqp + i * HD + D, dqpad + i * Dp);
-                        std::fill(dqpad + i * Dp + D, dqpad + (i + 1) * Dp, 0.0f);
-                    }
+                    if (add) copy_rows(dqpad, dqp, HD, nq);  // (an overwrite writes every lane)
                     tile_gemm(dqpad, Dp, dsb, kl, 1, kpad, Dp, nq, nk, Dp, add, nullptr, steps);
                     for (int64_t i = 0; i < nq; ++i)
                         std::copy(dqpad + i * Dp, dqpad + i * Dp + D, dqp + i * HD);
@@ -561,13 +570,18 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             }
         }
     }
-    if (first) {  // no query sees these keys: their gradients are empty sums
-        std::fill(dkt, dkt + D * kl, 0.0f);
-        std::fill(dvt, dvt + D * kl, 0.0f);
-    }
     const int64_t kvrow = s.Hkv * D;  // dk, dv are contiguous (B, S, Hkv, D)
-    transpose_out(g.dk + ((b * s.S + j0) * s.Hkv + hk) * D, kvrow, dkt, kl, nk, D, nullptr);
-    transpose_out(g.dv + ((b * s.S + j0) * s.Hkv + hk) * D, kvrow, dvt, kl, nk, D, nullptr);
+    float* dkp = g.dk + ((b * s.S + j0) * s.Hkv + hk) * D;
+    float* dvp = g.dv + ((b * s.S + j0) * s.Hkv + hk) * D;
+    for (int64_t j = 0; j < nk; ++j) {
+        if (first) {  // no query sees these keys: their gradients are empty sums
+            std::fill(dkp + j * kvrow, dkp + j * kvrow + D, 0.0f);
+            std::fill(dvp + j * kvrow, dvp + j * kvrow + D, 0.0f);
+        } else {
+            std::copy(dkb + j * Dp, dkb + j * Dp + D, dkp + j * kvrow);
+            std::copy(dvb + j * Dp, dvb + j * Dp + D, dvp + j * kvrow);
+        }
+    }
 }
 
 // dq of one block of queries of one head, queries along the lanes (like the forward):
@@ -690,7 +704,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     const Grads g{dq, dk, dv, dout, lse, delta};
 
     const int64_t nkb = ceil_div(S, BK), nqb = ceil_div(T, BQ), pairs = B * Hkv;
-    const int64_t scratch_floats = 4 * D * BK + 2 * BQ * BK + (BK + BQ) * round_up(D, VEC);
+    const int64_t scratch_floats = 2 * D * BK + 2 * BQ * BK + (3 * BK + 3 * BQ) * round_up(D, VEC);
     // One task per (batch, kv head) does 5 tile products per tile pair; the two-pass scheme does
     // 7 but has nkb times more tasks. Pick the one pass when whole rounds of it keep the
     // threads at least 5/7 busy.
