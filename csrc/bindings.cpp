@@ -600,8 +600,11 @@ py::array rope(const py::array& x, const py::array& rot, py::array& out, bool co
     const bool same = px == po && std::equal(s.x_strides, s.x_strides + 3, s.out_strides);
     if (!same && olo < xhi && xlo < ohi) fail("out: must be x itself or not overlap it");
     const float* pr = static_cast<const float*>(rot.data());
-    py::gil_scoped_release nogil;
-    kernels().rope(po, px, pr, s, conjugate);
+    {
+        // (scoped: returning `out` copies a handle, which must happen with the GIL held)
+        py::gil_scoped_release nogil;
+        kernels().rope(po, px, pr, s, conjugate);
+    }
     return out;
 }
 
