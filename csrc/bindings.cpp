@@ -183,8 +183,11 @@ py::array_t<float> linear(const py::array& x, const py::array& weight, std::opti
     return y;
 }
 
-// (dx, dweight, dbias or None) for y = x @ weight^T + bias.
-py::tuple linear_backward(const py::array& dy, const py::array& x, const py::array& weight, bool has_bias) {
+// (dx, dweight, dbias or None) for y = x @ weight^T + bias. With dweight (and dbias) given, the
+// gradients are added into them, as a training step accumulates a parameter's gradient, and they
+// are returned: no fresh array and no separate pass to add it.
+py::tuple linear_backward(const py::array& dy, const py::array& x, const py::array& weight, bool has_bias,
+                          const std::optional<py::array>& dweight, const std::optional<py::array>& dbias) {
     const float* pdy = in_f32(dy, "dy");
     const float* px = in_f32(x, "x");
     const float* pw = in_f32(weight, "weight");
@@ -197,24 +200,29 @@ py::tuple linear_backward(const py::array& dy, const py::array& x, const py::arr
     dy_shape.back() = out;
     require_shape(dy, "dy", dy_shape);
     const int64_t rows = rows_of(x);
-    auto dx = empty_f32(shape_of(x));
-    auto dw = empty_f32({(py::ssize_t)out, (py::ssize_t)in});
+    const bool accumulate = dweight.has_value();
+    if (dbias.has_value() != (accumulate && has_bias))
+        fail("dweight, dbias: accumulate both gradients or neither (dbias only with has_bias)");
+    // The gradients to add into, or fresh ones to write.
+    auto grad = [accumulate](const std::optional<py::array>& given, const char* name, Shape shape) {
+        py::array a = accumulate ? *given : py::array(empty_f32(shape));
+        float* p = inout_f32(a, name);
+        require_shape(a, name, shape);
+        return std::pair{a, p};
+    };
+    auto [dw, pdw] = grad(dweight, "dweight", {(py::ssize_t)out, (py::ssize_t)in});
     py::object db = py::none();
     float* pdb = nullptr;
-    if (has_bias) {
-        auto b = empty_f32({(py::ssize_t)out});
-        pdb = ptr(b);
-        db = b;
-    }
+    if (has_bias) std::tie(db, pdb) = grad(dbias, "dbias", {(py::ssize_t)out});
+    auto dx = empty_f32(shape_of(x));
     float* pdx = ptr(dx);
-    float* pdw = ptr(dw);
     {
         py::gil_scoped_release nogil;
         // dx (rows, in) = dy (rows, out) @ weight (out, in)
         kernels().gemm(pdx, pdy, pw, nullptr, 1, rows, in, out, false, false, 0, 0, 0, false);
-        // dweight (out, in) = dy^T (out, rows) @ x (rows, in)
-        kernels().gemm(pdw, pdy, px, nullptr, 1, out, in, rows, true, false, 0, 0, 0, false);
-        if (pdb) kernels().bias_backward(pdb, pdy, rows, out);
+        // dweight (out, in) (+)= dy^T (out, rows) @ x (rows, in)
+        kernels().gemm(pdw, pdy, px, nullptr, 1, out, in, rows, true, false, 0, 0, 0, accumulate);
+        if (pdb) kernels().bias_backward(pdb, pdy, rows, out, accumulate);
     }
     return py::make_tuple(dx, dw, db);
 }
@@ -615,7 +623,8 @@ PYBIND11_MODULE(_cpu, m) {
 
     m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false);
     m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
-    m.def("linear_backward", &linear_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("has_bias"));
+    m.def("linear_backward", &linear_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("has_bias"),
+          py::arg("dweight") = py::none(), py::arg("dbias") = py::none());
     m.def("softmax_forward", &softmax_forward, py::arg("x"));
     m.def("softmax_backward", &softmax_backward, py::arg("dy"), py::arg("y"));
     m.def("rmsnorm_forward", &rmsnorm_forward, py::arg("x"), py::arg("weight"), py::arg("eps"));

@@ -17,8 +17,8 @@ using GemmFn = void(float* c, const float* a, const float* b, const float* bias,
                     int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
                     int64_t batch_stride_a, int64_t batch_stride_b, int64_t batch_stride_c,
                     bool accumulate);
-// dbias[N] = sum over the M rows of dy (M,N).
-using BiasBackwardFn = void(float* dbias, const float* dy, int64_t M, int64_t N);
+// dbias[N] (+)= sum over the M rows of dy (M,N): added to dbias when accumulate, else written.
+using BiasBackwardFn = void(float* dbias, const float* dy, int64_t M, int64_t N, bool accumulate);
 
 // Row-wise over the last axis of (rows, cols).
 using SoftmaxForwardFn = void(float* y, const float* x, int64_t rows, int64_t cols);

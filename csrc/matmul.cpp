@@ -274,14 +274,15 @@ void gemm(float* c, const float* a, const float* b, const float* bias, int64_t b
     }
 }
 
-void bias_backward(float* dbias, const float* dy, int64_t M, int64_t N) {
+void bias_backward(float* dbias, const float* dy, int64_t M, int64_t N, bool accumulate) {
     // Threads own column ranges, so the sum over rows is race-free and the same for any thread
     // count; within a range the row loop is outermost so each row of dy streams contiguously.
     constexpr int64_t kCols = 256;
 #pragma omp parallel for schedule(static)
     for (int64_t j0 = 0; j0 < N; j0 += kCols) {
         const int64_t j1 = std::min(N, j0 + kCols);
-        for (int64_t j = j0; j < j1; ++j) dbias[j] = 0.0f;
+        if (!accumulate)
+            for (int64_t j = j0; j < j1; ++j) dbias[j] = 0.0f;
         for (int64_t i = 0; i < M; ++i) {
             const float* row = dy + i * N;
 #pragma omp simd

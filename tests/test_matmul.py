@@ -99,6 +99,54 @@ def test_linear_forward_and_backward(simd, rng, x_shape, out_features, has_bias)
         assert db is None
 
 
+@pytest.mark.parametrize("x_shape,out_features", [((7, 33), 17), ((300, 40), 600), ((0, 5), 3)])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_linear_backward_adds_into_given_gradients(simd, rng, x_shape, out_features, has_bias):
+    # A training step accumulates: dweight/dbias passed in are added into, in place, and returned
+    # (x (300, 40) -> 600 runs the GEMM with several K blocks and the bias over several strips).
+    x, w = randn(rng, x_shape), randn(rng, (out_features, x_shape[-1]))
+    dy = randn(rng, x_shape[:-1] + (out_features,))
+    gw, gb = randn(rng, w.shape), randn(rng, (out_features,)) if has_bias else None
+    gw0, gb0 = gw.copy(), None if gb is None else gb.copy()
+    dx, dw, db = ops.linear_backward(dy, x, w, has_bias=has_bias, dweight=gw, dbias=gb)
+    rdx, rdw, rdb = ref.linear_backward(*f64(dy, x, w), has_bias=has_bias)
+    assert dw is gw and db is gb
+    assert_close(dx, rdx, TOL, "dx")
+    assert_close(gw, gw0 + rdw, TOL, "dweight")
+    if has_bias:
+        assert_close(gb, gb0 + rdb, 1e-5, "dbias")
+    # the reference accumulates the same way
+    rgw = gw0.astype(np.float64)
+    rgb = None if gb0 is None else gb0.astype(np.float64)
+    ref.linear_backward(*f64(dy, x, w), has_bias=has_bias, dweight=rgw, dbias=rgb)
+    assert_close(gw, rgw, TOL, "reference dweight")
+
+
+@pytest.mark.parametrize("bad", ["dbias_without_bias", "bias_without_dbias", "dbias_only", "shape", "dtype",
+                                 "readonly", "strided"])
+def test_linear_backward_rejects_bad_accumulators(rng, bad):
+    x, w, dy = randn(rng, (4, 3)), randn(rng, (2, 3)), randn(rng, (4, 2))
+    gw, gb = np.zeros((2, 3), np.float32), np.zeros(2, np.float32)
+    has_bias, kw = True, dict(dweight=gw, dbias=gb)
+    if bad == "dbias_without_bias":
+        has_bias = False
+    elif bad == "bias_without_dbias":
+        kw = dict(dweight=gw)
+    elif bad == "dbias_only":
+        kw = dict(dbias=gb)
+    elif bad == "shape":
+        kw["dweight"] = np.zeros((3, 2), np.float32)
+    elif bad == "dtype":
+        kw["dweight"] = np.zeros((2, 3))
+    elif bad == "readonly":
+        gw.flags.writeable = False
+    elif bad == "strided":
+        kw["dweight"] = np.zeros((2, 6), np.float32)[:, ::2]
+    with pytest.raises((ValueError, TypeError)):
+        ops.linear_backward(dy, x, w, has_bias=has_bias, **kw)
+    assert not gb.any()  # nothing was added before the error
+
+
 def test_reference_linear_backward_matches_finite_differences(rng):
     x, w, b = (rng.standard_normal(s) for s in [(2, 3, 4), (5, 4), (5,)])
     dy = rng.standard_normal((2, 3, 5))

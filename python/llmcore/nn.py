@@ -160,10 +160,11 @@ class Linear(Module):
         return self.be.ops.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
 
     def backward(self, dy):
-        dx, dw, db = self.be.ops.linear_backward(dy, self.x, self.weight.data, has_bias=self.bias is not None)
-        self.weight.grad += dw
-        if self.bias is not None:
-            self.bias.grad += db
+        # The parameter gradients are added into .grad by the kernel (tied weights add twice).
+        has_bias = self.bias is not None
+        dx, _, _ = self.be.ops.linear_backward(dy, self.x, self.weight.data, has_bias=has_bias,
+                                               dweight=self.weight.grad,
+                                               dbias=self.bias.grad if has_bias else None)
         return dx
 
 
@@ -321,8 +322,13 @@ class Block(Module):
         self.mlp = MLP(be, cfg, rng=rng, dtype=dtype)
 
     def forward(self, x, cache=None, start=0):
-        x = x + self.attn.forward(self.ln_1.forward(x), cache, start)  # (B, T, C)
-        return x + self.mlp.forward(self.ln_2.forward(x))
+        # Each branch returns a fresh array (its output projection's), so the residual is added
+        # into it in place: x itself is still needed, saved by ln_1 for the backward.
+        h = self.attn.forward(self.ln_1.forward(x), cache, start)  # (B, T, C)
+        h += x
+        out = self.mlp.forward(self.ln_2.forward(h))
+        out += h
+        return out
 
     def backward(self, dy):
         # The residual stream passes dy through unchanged; each branch adds its own gradient.

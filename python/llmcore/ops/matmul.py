@@ -48,12 +48,34 @@ def linear(x, weight, bias=None):
     return chk.backend(x, weight).linear(x, weight, bias)
 
 
-def linear_backward(dy, x, weight, *, has_bias: bool = False):
-    """(dx, dweight, dbias or None) for y = linear(x, weight, bias)."""
+def linear_backward(dy, x, weight, *, has_bias: bool = False, dweight=None, dbias=None):
+    """(dx, dweight, dbias or None) for y = linear(x, weight, bias).
+
+    dweight (out, in) and, with has_bias, dbias (out,): gradients to add into, in place, as a
+    training step accumulates each parameter's gradient (C-contiguous, writeable float32). They
+    are returned as given. On the CPU the weight-gradient GEMM adds into dweight directly, with
+    no fresh array and no separate pass.
+    """
     x, weight = _linear_shapes(x, weight)
     dy = chk.float_array("dy", dy)
     chk.same_shape("dy", dy, x.shape[:-1] + (weight.shape[0],), "x's shape with out_features last")
-    return chk.backend(dy, x, weight).linear_backward(dy, x, weight, bool(has_bias))
+    has_bias = bool(has_bias)
+    if dweight is None and dbias is None:
+        return chk.backend(dy, x, weight).linear_backward(dy, x, weight, has_bias)
+    if dweight is None or (dbias is not None) != has_bias:
+        raise ValueError("dweight, dbias: pass dweight, plus dbias exactly when has_bias, or neither")
+    dweight = chk.writable_float_array("dweight", dweight, weight.shape)
+    if dbias is not None:
+        dbias = chk.writable_float_array("dbias", dbias, (weight.shape[0],))
+    mod = chk.backend(dy, x, weight, dweight, *([] if dbias is None else [dbias]))
+    if chk.is_cupy(dy):
+        # The CUDA core reduces its split-K weight gradient into a fresh array: add it here.
+        dx, dw, db = mod.linear_backward(dy, x, weight, has_bias)
+        dweight += dw
+        if dbias is not None:
+            dbias += db
+        return dx, dweight, dbias
+    return mod.linear_backward(dy, x, weight, has_bias, dweight, dbias)
 
 
 # How CuPy matmuls use the tensor cores; the names and meanings of torch.set_float32_matmul_precision.

@@ -19,12 +19,18 @@ def linear(x, weight, bias=None):
     return y + bias if bias is not None else y
 
 
-def linear_backward(dy, x, weight, *, has_bias=False):
-    """(dx, dweight, dbias or None) for y = linear(x, weight, bias)."""
+def linear_backward(dy, x, weight, *, has_bias=False, dweight=None, dbias=None):
+    """(dx, dweight, dbias or None) for y = linear(x, weight, bias); given dweight (and dbias),
+    the gradients are added into them and they are returned."""
     rows = int(np.prod(x.shape[:-1]))  # (not -1: a reshape cannot infer it when a size is 0)
     dy2 = dy.reshape(rows, dy.shape[-1])  # (rows, out)
     x2 = x.reshape(rows, x.shape[-1])  # (rows, in)
     dx = dy @ weight  # (..., in)
-    dweight = dy2.T @ x2  # (out, in)
-    dbias = dy2.sum(axis=0) if has_bias else None
+    dw = dy2.T @ x2  # (out, in)
+    db = dy2.sum(axis=0) if has_bias else None
+    if dweight is None:
+        return dx, dw, db
+    dweight += dw
+    if db is not None:
+        dbias += db
     return dx, dweight, dbias
