@@ -29,11 +29,19 @@ namespace {
 
 [[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
 
-std::string shape_str(const py::array& a) {
+// "(2, 3)", "(5,)": a shape as Python prints it. (Appended piece by piece: GCC 12 warned about
+// a memcpy bound in `const char* + std::string` here.)
+std::string shape_text(const py::ssize_t* dims, size_t n) {
     std::string s = "(";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + (a.ndim() == 1 ? ",)" : ")");
+    for (size_t i = 0; i < n; ++i) {
+        if (i) s += ", ";
+        s += std::to_string(dims[i]);
+    }
+    s += n == 1 ? ",)" : ")";
+    return s;
 }
+
+std::string shape_str(const py::array& a) { return shape_text(a.shape(), (size_t)a.ndim()); }
 
 void require_dtype(const py::array& a, const char* name, const py::dtype& want, const char* what) {
     if (!a.dtype().equal(want))
@@ -71,9 +79,8 @@ void require_shape(const py::array& a, const char* name, const Shape& want) {
     bool same = a.ndim() == (py::ssize_t)want.size();
     for (size_t i = 0; same && i < want.size(); ++i) same = a.shape(i) == want[i];
     if (!same) {
-        std::string w = "(";
-        for (size_t i = 0; i < want.size(); ++i) w += (i ? ", " : "") + std::to_string(want[i]);
-        fail(std::string(name) + ": expected shape " + w + (want.size() == 1 ? ",)" : ")") + ", got " + shape_str(a));
+        fail(std::string(name) + ": expected shape " + shape_text(want.data(), want.size()) + ", got " +
+             shape_str(a));
     }
 }
 
