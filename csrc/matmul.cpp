@@ -1,9 +1,11 @@
 // matmul: a packed, cache-blocked GEMM around a register-tiled micro-kernel (the BLIS/GotoBLAS
 // structure), plus the bias gradient of linear layers.
 //
-//   for jc in N by NC:            B panel (all of K x NC) packed once, shared by all threads (L3)
-//     for ic in M by MC:          one task per row block (x group of columns)     <- parallel
-//       for pc in K by KC:        A block (MC x KC) packed per task (L2)
+//   for jc in N by NC:
+//     for kk in K by KCHUNK:      B panel (KCHUNK x NC; all of K unless K is huge) packed once,
+//                                 shared by all threads (L3)
+//       for ic in M by MC:        one task per row block (x group of columns)     <- parallel
+//         for pc in KCHUNK by KC: A block (MC x KC) packed per task (L2)
 //         for jr in NC by NR:     B micro-panel (KC x NR) reused across ir (L1)
 //           for ir in MC by MR:   MR x NR accumulators in registers
 //
@@ -188,10 +190,13 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
     }
     // The B panel holds every K block of its columns, packed before any product starts: one
     // barrier per panel instead of two per K block (a weight gradient, K = 2048 tokens, had 16),
-    // and each task then runs its whole K loop alone with its C block warm in L2. Panels are as
-    // wide as kPackedB floats allow at this K, at least one micro-panel.
-    const int64_t nc_max = std::min({NC, ceil_div(N, NR) * NR, std::max<int64_t>(NR, kPackedB / K / NR * NR)});
-    float* packed_b = tls_packed_b.get(K * nc_max);
+    // and each task then runs its whole K loop alone with its C block warm in L2. Where all of
+    // K does not fit in kPackedB floats, the panel keeps its width and takes K in chunks of whole
+    // KC blocks (narrowing it instead re-read A once per micro-panel: the dx of a 50257-word
+    // vocabulary projection, K = 50257, ran at a third of the speed).
+    const int64_t nc_max = std::min(NC, ceil_div(N, NR) * NR);
+    const int64_t kchunk = std::min(K, std::max<int64_t>(KC, kPackedB / nc_max / KC * KC));
+    float* packed_b = tls_packed_b.get(kchunk * nc_max);
     const int threads = parallel ? max_threads() : 1;
     // Packing an A block costs one pass over it per task, against 2 * N FLOPs per element of
     // work: ~10% at N = 256, noise at N = 3072. Read in place, A's rows are KC-float pieces a
@@ -200,20 +205,23 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
     // A transposed is always packed: read in place, each k step would touch a new line 4 KiB
     // (M floats) from the last, and a weight-gradient GEMM ran at 90 GFLOP/s instead of 154.
     const bool in_place_a = !trans_a && N <= kInPlaceMaxN;
-    const int64_t kblocks = ceil_div(K, KC);
 
 #pragma omp parallel num_threads(threads)
     {
         float* packed_a = tls_packed_a.get(MC * std::min(KC, K));
-        for (int64_t jc = 0; jc < N; jc += nc_max) {
-            const int64_t nc = std::min(nc_max, N - jc);
+        // One step per (panel of columns, chunk of K): pack it, then every task's products.
+        const int64_t chunks = ceil_div(K, kchunk);
+        for (int64_t step = 0; step < ceil_div(N, nc_max) * chunks; ++step) {
+            const int64_t jc = step / chunks * nc_max, k0 = step % chunks * kchunk;
+            const int64_t nc = std::min(nc_max, N - jc), k1 = std::min(K, k0 + kchunk);
             const int64_t panels = ceil_div(nc, NR);
-            // K block p (rows pc = p KC .. pc + kc) of micro-panel jr at packed_b[pc * panels NR
-            // + jr * kc * NR]: each block's panels one after another.
+            // K block p of the chunk (rows pc = k0 + p KC .. pc + kc) of micro-panel jr at
+            // packed_b[(pc - k0) * panels NR + jr * kc * NR]: each block's panels in a row.
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < kblocks * panels; ++t) {
-                const int64_t pc = t / panels * KC, jr = t % panels, kc = std::min(KC, K - pc);
-                pack_b_panel(packed_b + pc * panels * NR + jr * kc * NR, b, trans_b, N, K, jc + jr * NR, pc, kc);
+            for (int64_t t = 0; t < ceil_div(k1 - k0, KC) * panels; ++t) {
+                const int64_t pc = k0 + t / panels * KC, jr = t % panels, kc = std::min(KC, k1 - pc);
+                pack_b_panel(packed_b + (pc - k0) * panels * NR + jr * kc * NR, b, trans_b, N, K,
+                             jc + jr * NR, pc, kc);
             }
 
             // Tasks: row blocks x groups of B micro-panels, as equal as MR-row granularity
@@ -232,13 +240,13 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
                 // A row-major next to a narrow C is read in place, all but a ragged last
                 // micro-panel, which is packed zero-padded; otherwise the block is packed.
                 const int64_t full = in_place_a ? mc / MR * MR : 0;
-                for (int64_t pc = 0; pc < K; pc += KC) {
-                    const int64_t kc = std::min(KC, K - pc);
+                for (int64_t pc = k0; pc < k1; pc += KC) {
+                    const int64_t kc = std::min(KC, k1 - pc);
                     if (full < mc) pack_a(packed_a, a, trans_a, M, K, ic + full, mc - full, pc, kc);
                     for (int64_t jr = jr_begin; jr < jr_end; ++jr) {
                         const int64_t j0 = jc + jr * NR;
                         const int nr = (int)std::min<int64_t>(NR, N - j0);
-                        const float* bp = packed_b + pc * panels * NR + jr * kc * NR;
+                        const float* bp = packed_b + (pc - k0) * panels * NR + jr * kc * NR;
                         float* cp = c + ic * N + j0;
                         // The first K block overwrites (plus bias), later ones add.
                         const Epilogue ep{accumulate || pc > 0, pc == 0 && bias ? bias + j0 : nullptr};

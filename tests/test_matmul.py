@@ -29,6 +29,25 @@ def test_matmul_is_exact_on_small_integers(simd, rng):
         np.testing.assert_array_equal(ops.matmul(a, b), (a.astype(np.int64) @ b.astype(np.int64)).astype(np.float32))
 
 
+def test_wide_panels_take_long_k_in_chunks(simd, rng):
+    # A packed B panel holds at most 2^21 floats: with N = 4100 (a 4096-wide panel and a ragged
+    # one) a K of 1100 goes through in chunks of 512 rows, the last one ragged. The bias belongs
+    # to the first chunk only, and an accumulating weight gradient adds every chunk. Small
+    # integers keep every partial sum exact, so any misplaced or repeated block shows.
+    M, K, N = 13, 1100, 4100
+    a = rng.integers(-2, 3, (M, K)).astype(np.float32)
+    w = rng.integers(-2, 3, (N, K)).astype(np.float32)
+    bias = rng.integers(-4, 5, N).astype(np.float32)
+    exact = a.astype(np.int64) @ w.T.astype(np.int64)
+    np.testing.assert_array_equal(ops.matmul(a, w, transpose_b=True), exact.astype(np.float32))
+    np.testing.assert_array_equal(ops.linear(a, w, bias), (exact + bias.astype(np.int64)).astype(np.float32))
+    x = rng.integers(-2, 3, (600, N)).astype(np.float32)  # dweight (5, 4100) sums K = 600 rows
+    dy = rng.integers(-2, 3, (600, 5)).astype(np.float32)
+    grad = np.ones((5, N), np.float32)
+    ops.linear_backward(dy, x, rng.standard_normal((5, N)).astype(np.float32), dweight=grad)
+    np.testing.assert_array_equal(grad, (1 + dy.T.astype(np.int64) @ x.astype(np.int64)).astype(np.float32))
+
+
 @pytest.mark.parametrize("batch", [(1,), (3,), (2, 5)])
 @pytest.mark.parametrize("shared_b", [True, False])
 @pytest.mark.parametrize("transpose_a", [False, True])
