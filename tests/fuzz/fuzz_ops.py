@@ -99,6 +99,32 @@ def fuzz_linear(data, rows, n_in, n_out, has_bias):
 
 
 @FUZZ
+@given(st.data(), dims(), dims(), dims(), st.booleans())
+def fuzz_linear_accumulate(data, rows, n_in, n_out, has_bias):
+    # The gradients added into given arrays: bent accumulators must be refused before anything
+    # is written; good ones end up as reference + their old values. (dy, x and weight are valid
+    # here: fuzz_linear bends those.)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in [(rows, n_in), (n_out, n_in), (rows, n_out)])
+    gw = data.draw(bent_array((n_out, n_in)))
+    gb = data.draw(bent_array((n_out,))) if has_bias else None
+    before = [g.copy() if isinstance(g, np.ndarray) else g for g in (gw, gb)]
+    try:
+        ops.linear_backward(dy, x, w, has_bias=has_bias, dweight=gw, dbias=gb)
+    except (TypeError, ValueError) as exc:
+        assert any(n in str(exc) for n in ("dy", "x", "weight", "dweight", "dbias")), str(exc)
+        for g, g0 in zip((gw, gb), before):  # untouched
+            if isinstance(g, np.ndarray) and g.size:
+                np.testing.assert_array_equal(g, g0)
+        return
+    rgw, rgb = (None if g is None else g.astype(np.float64) for g in before)
+    ref.linear_backward(f64(dy), f64(x), f64(w), has_bias=has_bias, dweight=rgw, dbias=rgb)
+    np.testing.assert_allclose(gw, rgw, rtol=2e-3, atol=2e-3)
+    if has_bias:
+        np.testing.assert_allclose(gb, rgb, rtol=2e-3, atol=2e-3)
+
+
+@FUZZ
 @given(st.data(), dims(), dims())
 def fuzz_softmax(data, rows, cols):
     x, dy = data.draw(bent_array((rows, cols))), data.draw(bent_array((rows, cols)))
@@ -166,7 +192,7 @@ def fuzz_adamw(data, rows, cols):
     np.testing.assert_allclose(param, rp, rtol=1e-4, atol=1e-5)
 
 
-FUZZERS = [fuzz_matmul, fuzz_linear, fuzz_softmax, fuzz_norms, fuzz_gelu, fuzz_cross_entropy, fuzz_embedding, fuzz_adamw]
+FUZZERS = [fuzz_matmul, fuzz_linear, fuzz_linear_accumulate, fuzz_softmax, fuzz_norms, fuzz_gelu, fuzz_cross_entropy, fuzz_embedding, fuzz_adamw]
 
 if __name__ == "__main__":
     names = sys.argv[1:]
