@@ -123,6 +123,22 @@ def test_linear_and_backward(cp, rng, precision, rows, d_in, d_out, bias):
         assert db is None
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_backward_adds_into_given_gradients(cp, rng, bias):
+    # dweight/dbias on the GPU: the gradients are added in place and the same arrays come back.
+    x, w, dy = randn(rng, (300, 64)), randn(rng, (96, 64)), randn(rng, (300, 96))
+    gw, gb = randn(rng, (96, 64)), randn(rng, (96,))
+    dgw, dgb = cp.asarray(gw), cp.asarray(gb) if bias else None
+    dx, dw, db = ops.linear_backward(cp.asarray(dy), cp.asarray(x), cp.asarray(w), has_bias=bias,
+                                     dweight=dgw, dbias=dgb)
+    assert dw is dgw and db is dgb
+    rdx, rdw, rdb = ref.linear_backward(*f64(dy, x, w), has_bias=bias)
+    check(dx, rdx, 1e-5, "linear dx")
+    check(dgw, gw + rdw, 1e-5, "accumulated dweight")
+    if bias:
+        check(dgb, gb + rdb, 1e-5, "accumulated dbias")
+
+
 # ---- row-wise operations ----------------------------------------------------------------------
 
 ROWS = ROW_SHAPES + [(3, 1024), (2, 50257), (1, 8193)]
