@@ -31,24 +31,23 @@ inline T exp_of(T x) {
     else return vexp(x);
 }
 
-// sigmoid(2u) of x, and u'(x) = sqrt(2/pi) (1 + 3 * 0.044715 x^2) when asked
+// 1 + exp(-2u) at x: the denominator of sigmoid(2u), which both directions divide by.
 template <class T>
-inline T sigmoid_2u(T v) {
+inline T one_plus_exp_minus_2u(T v) {
     const T u = kSqrt2OverPi * (v + kCoeff * v * v * v);
-    return 1.0f / (1.0f + exp_of(-2.0f * u));
+    return 1.0f + exp_of(-2.0f * u);
 }
 
 template <class T>
 inline T gelu_tanh(T v) {
-    const T u = kSqrt2OverPi * (v + kCoeff * v * v * v);
-    return v / (1.0f + exp_of(-2.0f * u));
+    return v / one_plus_exp_minus_2u(v);
 }
 
 // with s = sigmoid(2u) = (1 + tanh u) / 2 and 1 - tanh^2 u = 4 s (1 - s):
 //   d/dx = s + 2 x s (1 - s) u'(x),  u'(x) = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 template <class T>
 inline T gelu_tanh_grad(T v, T dy) {
-    const T s = sigmoid_2u(v);
+    const T s = 1.0f / one_plus_exp_minus_2u(v);
     const T du = kSqrt2OverPi * (1.0f + 3.0f * kCoeff * v * v);
     return dy * (s + 2.0f * v * s * (1.0f - s) * du);
 }

@@ -67,7 +67,7 @@ def linear_backward(dy, x, weight, *, has_bias: bool = False, dweight=None, dbia
     dweight = chk.writable_float_array("dweight", dweight, weight.shape)
     if dbias is not None:
         dbias = chk.writable_float_array("dbias", dbias, (weight.shape[0],))
-    mod = chk.backend(dy, x, weight, dweight, *([] if dbias is None else [dbias]))
+    mod = chk.backend(*(a for a in (dy, x, weight, dweight, dbias) if a is not None))
     if chk.is_cupy(dy):
         # The CUDA core reduces its split-K weight gradient into a fresh array: add it here.
         dx, dw, db = mod.linear_backward(dy, x, weight, has_bias)
