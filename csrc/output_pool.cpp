@@ -46,9 +46,12 @@ void* acquire(size_t bytes, size_t* capacity) {
     Pool& pool = the_pool();
     {
         std::lock_guard<std::mutex> lock(pool.mutex);
-        // Only an exact size class: handing out a much larger block would strand memory.
-        auto it = pool.free_blocks.find(want);
-        if (it != pool.free_blocks.end()) {
+        // Only an exact size class: handing out a much larger block would strand memory. Of
+        // those, the most recently freed, whose lines are likeliest still in cache (the oldest,
+        // multimap's find(), cost ~2% of a cpu-small training step in cache misses).
+        auto [first, last] = pool.free_blocks.equal_range(want);
+        if (first != last) {
+            auto it = std::prev(last);
             void* block = it->second;
             pool.free_blocks.erase(it);
             pool.cached -= want;

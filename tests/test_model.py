@@ -159,6 +159,26 @@ def test_parameter_gradients_accumulate(rng):
         assert rel_err(p.grad, single[0][k] + single[1][k]) < 1e-6, k
 
 
+def test_zero_grad_reads_as_zeros(rng):
+    """zero_grad() only marks the gradients; reading one writes its zeros, and a backward pass that
+    follows overwrites or adds as if they had been there (the tied wte takes both halves)."""
+    cfg = make_config(n_kv_head=2, bias=True)
+    model = GPT(cfg, backend="cpu")
+    x, y = batch(rng, cfg)
+    model.forward(x, y)
+    model.backward()
+    first = {k: p.grad.copy() for k, p in model.parameters().items()}
+    model.zero_grad()
+    assert all(p.grad_is_zero for p in model.parameters().values())
+    assert all(not p.grad.any() for p in model.parameters().values())
+    assert not any(p.grad_is_zero for p in model.parameters().values())
+    model.zero_grad()
+    model.forward(x, y)
+    model.backward()
+    for k, p in model.parameters().items():
+        assert np.array_equal(p.grad, first[k]), k
+
+
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_training_steps_lower_the_loss(rng, backend):
     before = llmcore.ops.get_matmul_precision()
@@ -255,6 +275,25 @@ class DeviceArray(np.ndarray):
     """An array 'on the fake device' (a NumPy subclass: the CPU kernels still accept it)."""
 
 
+def _on_device(result):
+    """A kernel's outputs, as a device's kernels return them: on the device."""
+    if isinstance(result, tuple):
+        return tuple(_on_device(r) for r in result)
+    if isinstance(result, np.ndarray) and not isinstance(result, DeviceArray):
+        return result.view(DeviceArray)
+    return result
+
+
+class _DeviceOps:
+    """llmcore.ops whose results are DeviceArrays (fresh gradients become Parameter.grad)."""
+
+    def __getattr__(self, name):
+        op = getattr(llmcore.ops, name)
+        if not callable(op):
+            return op
+        return lambda *args, **kwargs: _on_device(op(*args, **kwargs))
+
+
 def fake_device_backend(calls=None):
     calls = {} if calls is None else calls
     calls.setdefault("to_device", 0)
@@ -269,7 +308,7 @@ def fake_device_backend(calls=None):
         calls["to_host"] += 1
         return np.array(a, copy=True)  # a plain ndarray again, as cupy.asnumpy makes
 
-    return nn.Backend("fake-device", llmcore.ops, np, to_device=to_device, to_host=to_host)
+    return nn.Backend("fake-device", _DeviceOps(), np, to_device=to_device, to_host=to_host)
 
 
 def assert_on_device(model, opt=None):

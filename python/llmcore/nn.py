@@ -89,13 +89,38 @@ def array_module(x):
 # ----------------------------------------------------------------------------------------------
 
 class Parameter:
-    """A trainable array and the gradient that backward passes accumulate into it (same device)."""
+    """A trainable array and the gradient that backward passes accumulate into it (same device).
 
-    __slots__ = ("data", "grad")
+    zero_grad() only marks the gradient zero: the zeros are written when .grad is next read, and a
+    layer whose kernel makes the whole gradient (Linear) instead takes that fresh array as .grad.
+    Zeroing every gradient of the cpu-small model, 12.8 MB, took 2.2 ms of a 170 ms training step,
+    and the weight-gradient GEMMs then read the zeros back to add to them."""
+
+    __slots__ = ("data", "_grad", "_grad_is_zero")
 
     def __init__(self, data):
         self.data = data
-        self.grad = array_module(data).zeros_like(data)
+        self._grad = array_module(data).zeros_like(data)
+        self._grad_is_zero = False
+
+    @property
+    def grad(self):
+        if self._grad_is_zero:
+            self._grad[...] = 0
+            self._grad_is_zero = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._grad, self._grad_is_zero = value, False
+
+    @property
+    def grad_is_zero(self) -> bool:
+        """True from zero_grad() until something reads or writes .grad."""
+        return self._grad_is_zero
+
+    def zero_grad(self):
+        self._grad_is_zero = True
 
     def __repr__(self):
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
@@ -122,7 +147,7 @@ class Module:
 
     def zero_grad(self):
         for _, p in self.named_parameters():
-            p.grad[...] = 0
+            p.zero_grad()
 
 
 def _normal(rng, shape, std, dtype):
@@ -160,11 +185,17 @@ class Linear(Module):
         return self.be.ops.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
 
     def backward(self, dy):
-        # The parameter gradients are added into .grad by the kernel (tied weights add twice).
-        has_bias = self.bias is not None
-        dx, _, _ = self.be.ops.linear_backward(dy, self.x, self.weight.data, has_bias=has_bias,
-                                               dweight=self.weight.grad,
-                                               dbias=self.bias.grad if has_bias else None)
+        weight, bias = self.weight, self.bias
+        has_bias = bias is not None
+        if weight.grad_is_zero and (not has_bias or bias.grad_is_zero):
+            # The step's first gradient for these parameters: the kernel's fresh arrays become .grad.
+            dx, weight.grad, dbias = self.be.ops.linear_backward(dy, self.x, weight.data, has_bias=has_bias)
+            if has_bias:
+                bias.grad = dbias
+            return dx
+        # Otherwise the kernel adds into .grad (a tied weight's second use, gradient accumulation).
+        dx, _, _ = self.be.ops.linear_backward(dy, self.x, weight.data, has_bias=has_bias, dweight=weight.grad,
+                                               dbias=bias.grad if has_bias else None)
         return dx
 
 
