@@ -86,6 +86,14 @@ void require_shape(const py::array& a, const char* name, const Shape& want) {
 
 Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
 
+// An optional float32 input of a known shape: null when it is absent.
+const float* optional_in_f32(const std::optional<py::array>& a, const char* name, const Shape& want) {
+    if (!a) return nullptr;
+    const float* p = in_f32(*a, name);
+    require_shape(*a, name, want);
+    return p;
+}
+
 // Rows of an array viewed as (rows, last axis): the product of every axis but the last (not
 // size / last, which is 0 when the last axis is empty although the rows still exist).
 int64_t rows_of(const py::array& a) {
@@ -156,16 +164,17 @@ py::array_t<float> matmul(const py::array& a, const py::array& b, bool trans_a, 
     {
         py::gil_scoped_release nogil;
         if (shared_b && !trans_a)  // the batch folds into M: one large GEMM
-            kernels().gemm(pc, pa, pb, nullptr, 1, batch * M, N, K, false, trans_b, 0, 0, 0, false);
+            kernels().gemm(pc, pa, pb, nullptr, nullptr, 1, batch * M, N, K, false, trans_b, 0, 0, 0, false);
         else
-            kernels().gemm(pc, pa, pb, nullptr, batch, M, N, K, trans_a, trans_b, M * K,
+            kernels().gemm(pc, pa, pb, nullptr, nullptr, batch, M, N, K, trans_a, trans_b, M * K,
                            shared_b ? 0 : K * N, M * N, false);
     }
     return c;
 }
 
-// x (..., in) @ weight (out, in)^T + bias (out,)
-py::array_t<float> linear(const py::array& x, const py::array& weight, std::optional<py::array> bias) {
+// x (..., in) @ weight (out, in)^T + bias (out,) + residual (..., out)
+py::array_t<float> linear(const py::array& x, const py::array& weight, const std::optional<py::array>& bias,
+                          const std::optional<py::array>& residual) {
     const float* px = in_f32(x, "x");
     const float* pw = in_f32(weight, "weight");
     require_ndim(x, "x", 1, 32);
@@ -173,19 +182,16 @@ py::array_t<float> linear(const py::array& x, const py::array& weight, std::opti
     const int64_t in = weight.shape(1), out = weight.shape(0);
     if (x.shape(x.ndim() - 1) != in)
         fail("x: last axis must match weight's in_features " + std::to_string(in) + ", got shape " + shape_str(x));
-    const float* pbias = nullptr;
-    if (bias) {
-        pbias = in_f32(*bias, "bias");
-        require_shape(*bias, "bias", {(py::ssize_t)out});
-    }
+    const float* pbias = optional_in_f32(bias, "bias", {(py::ssize_t)out});
     Shape out_shape = shape_of(x);
     out_shape.back() = out;
+    const float* pres = optional_in_f32(residual, "residual", out_shape);
     const int64_t rows = rows_of(x);
     auto y = empty_f32(out_shape);
     float* py_ = ptr(y);
     {
         py::gil_scoped_release nogil;
-        kernels().gemm(py_, px, pw, pbias, 1, rows, out, in, false, true, 0, 0, 0, false);
+        kernels().gemm(py_, px, pw, pbias, pres, 1, rows, out, in, false, true, 0, 0, 0, false);
     }
     return y;
 }
@@ -226,9 +232,9 @@ py::tuple linear_backward(const py::array& dy, const py::array& x, const py::arr
     {
         py::gil_scoped_release nogil;
         // dx (rows, in) = dy (rows, out) @ weight (out, in)
-        kernels().gemm(pdx, pdy, pw, nullptr, 1, rows, in, out, false, false, 0, 0, 0, false);
+        kernels().gemm(pdx, pdy, pw, nullptr, nullptr, 1, rows, in, out, false, false, 0, 0, 0, false);
         // dweight (out, in) (+)= dy^T (out, rows) @ x (rows, in)
-        kernels().gemm(pdw, pdy, px, nullptr, 1, out, in, rows, true, false, 0, 0, 0, accumulate);
+        kernels().gemm(pdw, pdy, px, nullptr, nullptr, 1, out, in, rows, true, false, 0, 0, 0, accumulate);
         if (pdb) kernels().bias_backward(pdb, pdy, rows, out, accumulate);
     }
     return py::make_tuple(dx, dw, db);
@@ -290,7 +296,9 @@ py::tuple rmsnorm_forward(const py::array& x, const py::array& weight, float eps
     return py::make_tuple(y, rstd);
 }
 
-py::tuple rmsnorm_backward(const py::array& dy, const py::array& x, const py::array& weight, const py::array& rstd) {
+// (dx, dweight); dx includes residual (the gradient through the norm's skip connection) if given.
+py::tuple rmsnorm_backward(const py::array& dy, const py::array& x, const py::array& weight, const py::array& rstd,
+                           const std::optional<py::array>& residual) {
     const float* pdy = in_f32(dy, "dy");
     const float* px = in_f32(x, "x");
     const float* pw = in_f32(weight, "weight");
@@ -298,12 +306,13 @@ py::tuple rmsnorm_backward(const py::array& dy, const py::array& x, const py::ar
     auto [rows, C] = norm_dims(x, weight, "weight");
     require_shape(dy, "dy", shape_of(x));
     require_shape(rstd, "rstd", without_last(x));
+    const float* pres = optional_in_f32(residual, "residual", shape_of(x));
     auto dx = empty_f32(shape_of(x));
     auto dw = empty_f32({(py::ssize_t)C});
     float *pdx = ptr(dx), *pdw = ptr(dw);
     {
         py::gil_scoped_release nogil;
-        kernels().rmsnorm_backward(pdx, pdw, pdy, px, pw, pr, rows, C);
+        kernels().rmsnorm_backward(pdx, pdw, pdy, px, pw, pr, pres, rows, C);
     }
     return py::make_tuple(dx, dw);
 }
@@ -325,8 +334,10 @@ py::tuple layernorm_forward(const py::array& x, const py::array& weight, const p
     return py::make_tuple(y, mean, rstd);
 }
 
+// (dx, dweight, dbias); dx includes residual if given, as in rmsnorm_backward.
 py::tuple layernorm_backward(const py::array& dy, const py::array& x, const py::array& weight,
-                             const py::array& mean, const py::array& rstd) {
+                             const py::array& mean, const py::array& rstd,
+                             const std::optional<py::array>& residual) {
     const float* pdy = in_f32(dy, "dy");
     const float* px = in_f32(x, "x");
     const float* pw = in_f32(weight, "weight");
@@ -336,13 +347,14 @@ py::tuple layernorm_backward(const py::array& dy, const py::array& x, const py::
     require_shape(dy, "dy", shape_of(x));
     require_shape(mean, "mean", without_last(x));
     require_shape(rstd, "rstd", without_last(x));
+    const float* pres = optional_in_f32(residual, "residual", shape_of(x));
     auto dx = empty_f32(shape_of(x));
     auto dw = empty_f32({(py::ssize_t)C});
     auto db = empty_f32({(py::ssize_t)C});
     float *pdx = ptr(dx), *pdw = ptr(dw), *pdb = ptr(db);
     {
         py::gil_scoped_release nogil;
-        kernels().layernorm_backward(pdx, pdw, pdb, pdy, px, pw, pm, pr, rows, C);
+        kernels().layernorm_backward(pdx, pdw, pdb, pdy, px, pw, pm, pr, pres, rows, C);
     }
     return py::make_tuple(dx, dw, db);
 }
@@ -629,16 +641,18 @@ PYBIND11_MODULE(_cpu, m) {
     m.doc() = "llmcore CPU kernels (float32). Use llmcore.ops for the checked public API.";
 
     m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false);
-    m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+    m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+          py::arg("residual") = py::none());
     m.def("linear_backward", &linear_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("has_bias"),
           py::arg("dweight") = py::none(), py::arg("dbias") = py::none());
     m.def("softmax_forward", &softmax_forward, py::arg("x"));
     m.def("softmax_backward", &softmax_backward, py::arg("dy"), py::arg("y"));
     m.def("rmsnorm_forward", &rmsnorm_forward, py::arg("x"), py::arg("weight"), py::arg("eps"));
-    m.def("rmsnorm_backward", &rmsnorm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"));
+    m.def("rmsnorm_backward", &rmsnorm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
+          py::arg("residual") = py::none());
     m.def("layernorm_forward", &layernorm_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
     m.def("layernorm_backward", &layernorm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"),
-          py::arg("mean"), py::arg("rstd"));
+          py::arg("mean"), py::arg("rstd"), py::arg("residual") = py::none());
     m.def("gelu_forward", &gelu_forward, py::arg("x"), py::arg("approximate_tanh"));
     m.def("gelu_backward", &gelu_backward, py::arg("dy"), py::arg("x"), py::arg("approximate_tanh"));
     m.def("cross_entropy_forward", &cross_entropy_forward, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"));

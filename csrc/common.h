@@ -47,6 +47,12 @@ inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// dst[i] += src[i] for i < n (a row still in L1 from the loop that wrote it).
+inline void add_row(float* __restrict dst, const float* __restrict src, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
 inline int max_threads() {
 #ifdef _OPENMP
     return omp_get_max_threads();

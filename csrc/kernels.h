@@ -10,13 +10,15 @@
 
 namespace llmcore {
 
-// C[b] (M,N) = op(A[b]) @ op(B[b]) (+ bias[N]) (+ C[b] if accumulate), for b < batch.
-// op(A) is (M,K): A is stored (M,K) row-major, or (K,M) when trans_a. Likewise op(B) is (K,N),
-// stored (N,K) when trans_b. Batch strides are in elements; 0 shares one matrix across the batch.
-using GemmFn = void(float* c, const float* a, const float* b, const float* bias, int64_t batch,
-                    int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
-                    int64_t batch_stride_a, int64_t batch_stride_b, int64_t batch_stride_c,
-                    bool accumulate);
+// C[b] (M,N) = op(A[b]) @ op(B[b]) (+ bias[N]) (+ residual[b]) (+ C[b] if accumulate), for
+// b < batch. op(A) is (M,K): A is stored (M,K) row-major, or (K,M) when trans_a. Likewise op(B)
+// is (K,N), stored (N,K) when trans_b. residual is null or laid out as C (a skip connection added
+// in the epilogue, so the sum needs no pass of its own). Batch strides are in elements; 0 shares
+// one matrix across the batch.
+using GemmFn = void(float* c, const float* a, const float* b, const float* bias,
+                    const float* residual, int64_t batch, int64_t M, int64_t N, int64_t K,
+                    bool trans_a, bool trans_b, int64_t batch_stride_a, int64_t batch_stride_b,
+                    int64_t batch_stride_c, bool accumulate);
 // dbias[N] (+)= sum over the M rows of dy (M,N): added to dbias when accumulate, else written.
 using BiasBackwardFn = void(float* dbias, const float* dy, int64_t M, int64_t N, bool accumulate);
 
@@ -27,15 +29,19 @@ using SoftmaxBackwardFn = void(float* dx, const float* dy, const float* y, int64
 
 using RmsnormForwardFn = void(float* y, float* rstd, const float* x, const float* weight,
                               int64_t rows, int64_t C, float eps);
+// The norms' backward passes add `residual` (null, or (rows, C)) to dx: the gradient that reaches
+// the norm's input through the skip connection around it, summed without a pass of its own.
 using RmsnormBackwardFn = void(float* dx, float* dweight, const float* dy, const float* x,
-                               const float* weight, const float* rstd, int64_t rows, int64_t C);
+                               const float* weight, const float* rstd, const float* residual,
+                               int64_t rows, int64_t C);
 
 using LayernormForwardFn = void(float* y, float* mean, float* rstd, const float* x,
                                 const float* weight, const float* bias, int64_t rows, int64_t C,
                                 float eps);
 using LayernormBackwardFn = void(float* dx, float* dweight, float* dbias, const float* dy,
                                  const float* x, const float* weight, const float* mean,
-                                 const float* rstd, int64_t rows, int64_t C);
+                                 const float* rstd, const float* residual, int64_t rows,
+                                 int64_t C);
 
 // approximate_tanh selects 0.5x(1+tanh(sqrt(2/pi)(x+0.044715x^3))); otherwise the erf form.
 using GeluForwardFn = void(float* y, const float* x, int64_t n, bool approximate_tanh);

@@ -35,7 +35,7 @@ namespace {
 // function, not the lambda's body: see rmsnorm.cpp (GCC 12 and `omp simd` over lambda captures).
 void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dy, const float* x,
                              const float* weight, const float* mean, const float* rstd,
-                             int64_t r0, int64_t r1, int64_t C) {
+                             const float* residual, int64_t r0, int64_t r1, int64_t C) {
     for (int64_t r = r0; r < r1; ++r) {
         const float* xr = x + r * C;
         const float* dyr = dy + r * C;
@@ -59,6 +59,7 @@ void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dy, c
             dw[i] += dyr[i] * xhat;
             db[i] += dyr[i];
         }
+        if (residual) add_row(dxr, residual + r * C, C);
     }
 }
 
@@ -67,11 +68,12 @@ void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dy, c
 // With xhat = (x - mean) * rstd and g = dy * weight:
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); dweight = sum dy * xhat; dbias = sum dy.
 void layernorm_backward(float* dx, float* dweight, float* dbias, const float* dy, const float* x,
-                        const float* weight, const float* mean, const float* rstd, int64_t rows,
-                        int64_t C) {
+                        const float* weight, const float* mean, const float* rstd,
+                        const float* residual, int64_t rows, int64_t C) {
     float* const outs[2] = {dweight, dbias};
     sum_rows_into<2>(outs, rows, C, [&](int64_t r0, int64_t r1, float* const* partial) {
-        layernorm_backward_rows(dx, partial[0], partial[1], dy, x, weight, mean, rstd, r0, r1, C);
+        layernorm_backward_rows(dx, partial[0], partial[1], dy, x, weight, mean, rstd, residual,
+                                r0, r1, C);
     });
 }
 

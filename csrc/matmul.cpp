@@ -40,10 +40,13 @@ constexpr int64_t kInPlaceMaxN = 512;  // the widest C for which A is read witho
 
 thread_local AlignedBuffer tls_packed_a, tls_packed_b;
 
-// How the tile of C is written: the first K block overwrites (plus bias), later ones add.
+// How the tile of C is written: the first K block overwrites (plus bias and residual), later
+// ones add.
 struct Epilogue {
-    bool add;            // C += tile, else C = tile
-    const float* bias;   // added to every row (first K block only), or null
+    bool add;                // C += tile, else C = tile
+    const float* bias;       // added to every row (first K block only), or null
+    const float* residual;   // the tile's place in an array laid out as C, added (first K block
+                             // only), or null
 };
 
 // Where the micro-kernel reads its MR x kc slice of op(A):
@@ -88,6 +91,12 @@ inline void micro_kernel(int64_t kc, A a, const float* __restrict bp, float* __r
         const vfloat bias0 = load(ep.bias), bias1 = load(ep.bias + VEC);
         for (int r = 0; r < MR; ++r) { acc[r][0] += bias0; acc[r][1] += bias1; }
     }
+    if (ep.residual && mr == MR && nr == NR) {
+        for (int r = 0; r < MR; ++r) {
+            acc[r][0] += load(ep.residual + r * ldc);
+            acc[r][1] += load(ep.residual + r * ldc + VEC);
+        }
+    }
     if (mr == MR && nr == NR) {
         for (int r = 0; r < MR; ++r) {
             float* row = c + r * ldc;
@@ -108,6 +117,7 @@ inline void micro_kernel(int64_t kc, A a, const float* __restrict bp, float* __r
         float* row = c + r * ldc;
         for (int j = 0; j < nr; ++j) {
             float t = tile[r][j] + (ep.bias && nr != NR ? ep.bias[j] : 0.0f);
+            if (ep.residual) t += ep.residual[r * ldc + j];
             row[j] = ep.add ? row[j] + t : t;
         }
     }
@@ -180,12 +190,14 @@ void pack_b_panel(float* bp, const float* b, bool trans, int64_t N, int64_t K, i
 
 // One C (M,N) = op(A) @ op(B); threads split the work when `parallel` (otherwise the caller is
 // already running one GEMM per thread).
-void gemm_one(float* c, const float* a, const float* b, const float* bias, int64_t M, int64_t N,
-              int64_t K, bool trans_a, bool trans_b, bool accumulate, bool parallel) {
-    if (K == 0) {  // C = bias (or 0), or unchanged when accumulating
+void gemm_one(float* c, const float* a, const float* b, const float* bias, const float* residual,
+              int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, bool accumulate,
+              bool parallel) {
+    if (K == 0) {  // C = bias + residual (or 0), plus C when accumulating
         for (int64_t i = 0; i < M; ++i)
             for (int64_t j = 0; j < N; ++j)
-                c[i * N + j] = (accumulate ? c[i * N + j] : 0.0f) + (bias ? bias[j] : 0.0f);
+                c[i * N + j] = (accumulate ? c[i * N + j] : 0.0f) + (bias ? bias[j] : 0.0f) +
+                               (residual ? residual[i * N + j] : 0.0f);
         return;
     }
     // The B panel holds every K block of its columns, packed before any product starts: one
@@ -248,13 +260,19 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
                         const int nr = (int)std::min<int64_t>(NR, N - j0);
                         const float* bp = packed_b + (pc - k0) * panels * NR + jr * kc * NR;
                         float* cp = c + ic * N + j0;
-                        // The first K block overwrites (plus bias), later ones add.
-                        const Epilogue ep{accumulate || pc > 0, pc == 0 && bias ? bias + j0 : nullptr};
+                        // The first K block overwrites (plus bias and residual), later ones add.
+                        const bool first = pc == 0;
+                        const float* rp = first && residual ? residual + ic * N + j0 : nullptr;
+                        auto epilogue = [&](int64_t ir) {
+                            return Epilogue{accumulate || !first, first && bias ? bias + j0 : nullptr,
+                                            rp ? rp + ir * N : nullptr};
+                        };
                         for (int64_t ir = 0; ir < full; ir += MR)
-                            micro_kernel(kc, RowsA{a + (ic + ir) * K + pc, K}, bp, cp + ir * N, N, MR, nr, ep);
+                            micro_kernel(kc, RowsA{a + (ic + ir) * K + pc, K}, bp, cp + ir * N, N, MR, nr,
+                                         epilogue(ir));
                         for (int64_t ir = full; ir < mc; ir += MR)
                             micro_kernel(kc, PackedA{packed_a + (ir - full) * kc}, bp, cp + ir * N, N,
-                                         (int)std::min<int64_t>(MR, mc - ir), nr, ep);
+                                         (int)std::min<int64_t>(MR, mc - ir), nr, epilogue(ir));
                     }
                 }
             }
@@ -264,21 +282,23 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, int64
 
 }  // namespace
 
-void gemm(float* c, const float* a, const float* b, const float* bias, int64_t batch, int64_t M,
-          int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t batch_stride_a,
-          int64_t batch_stride_b, int64_t batch_stride_c, bool accumulate) {
+void gemm(float* c, const float* a, const float* b, const float* bias, const float* residual,
+          int64_t batch, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
+          int64_t batch_stride_a, int64_t batch_stride_b, int64_t batch_stride_c, bool accumulate) {
     if (batch <= 0 || M <= 0 || N <= 0) return;
     // Many small products: one whole GEMM per thread beats splitting each one.
     const bool per_thread = batch >= 2 * max_threads() || (batch > 1 && M * N * K < (int64_t)1 << 18);
     if (per_thread) {
 #pragma omp parallel for schedule(dynamic, 1)
         for (int64_t i = 0; i < batch; ++i)
-            gemm_one(c + i * batch_stride_c, a + i * batch_stride_a, b + i * batch_stride_b, bias, M,
-                     N, K, trans_a, trans_b, accumulate, false);
+            gemm_one(c + i * batch_stride_c, a + i * batch_stride_a, b + i * batch_stride_b, bias,
+                     residual ? residual + i * batch_stride_c : nullptr, M, N, K, trans_a, trans_b,
+                     accumulate, false);
     } else {
         for (int64_t i = 0; i < batch; ++i)
-            gemm_one(c + i * batch_stride_c, a + i * batch_stride_a, b + i * batch_stride_b, bias, M,
-                     N, K, trans_a, trans_b, accumulate, true);
+            gemm_one(c + i * batch_stride_c, a + i * batch_stride_a, b + i * batch_stride_b, bias,
+                     residual ? residual + i * batch_stride_c : nullptr, M, N, K, trans_a, trans_b,
+                     accumulate, true);
     }
 }
 

@@ -3,6 +3,7 @@
 
 #include <sys/mman.h>
 
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <new>

@@ -24,6 +24,8 @@ def test_fuzzed_inputs_never_crash(fuzzer):
 
 f32 = np.ones((4, 8), np.float32)
 w8 = np.ones(8, np.float32)
+w38 = np.ones((3, 8), np.float32)  # a linear weight, (out, in)
+r4 = np.ones(4, np.float32)  # a norm's saved mean or rstd for f32
 
 
 @pytest.mark.parametrize("call,error,names", [
@@ -46,6 +48,20 @@ w8 = np.ones(8, np.float32)
     (lambda: ops.embedding(f32, np.array([-1])), ValueError, ["ids"]),
     (lambda: ops.embedding_backward(f32, np.arange(4), 3), ValueError, ["ids", "[0, 3)"]),
     (lambda: ops.adamw_step(f32.copy(), f32, f32.copy(), f32.copy(), lr=-1.0, step=1), ValueError, ["lr"]),
+    # residual: the output's shape (linear) or x's (the norms' backward), never broadcast
+    (lambda: ops.linear(f32, w38, residual=np.ones((4, 8), np.float32)), ValueError, ["residual", "(4, 3)", "(4, 8)"]),
+    (lambda: ops.linear(f32, w38, residual=np.ones(3, np.float32)), ValueError, ["residual", "(4, 3)", "(3,)"]),
+    (lambda: ops.linear(f32, w38, w38[:, 0].copy(), residual=np.ones((1, 4, 3), np.float32)), ValueError, ["residual"]),
+    (lambda: ops.linear(f32, w38, residual=np.ones((4, 3))), TypeError, ["residual", "float32", "float64"]),
+    (lambda: ops.linear(f32, w38, residual=[[0.0] * 3] * 4), TypeError, ["residual", "list"]),
+    (lambda: ops.rmsnorm_backward(f32, f32, w8, r4, residual=np.ones((4, 7), np.float32)), ValueError,
+     ["residual", "(4, 8)", "(4, 7)"]),
+    (lambda: ops.rmsnorm_backward(f32, f32, w8, r4, residual=w8), ValueError, ["residual", "(4, 8)", "(8,)"]),
+    (lambda: ops.rmsnorm_backward(f32, f32, w8, r4, residual=f32.astype(np.float16)), TypeError, ["residual", "float16"]),
+    (lambda: ops.layernorm_backward(f32, f32, w8, r4, r4, residual=np.ones((8, 4), np.float32)), ValueError,
+     ["residual", "(4, 8)", "(8, 4)"]),
+    (lambda: ops.layernorm_backward(f32, f32, w8, r4, r4, residual=np.ones((1, 8), np.float32)), ValueError, ["residual"]),
+    (lambda: ops.layernorm_backward(f32, f32, w8, r4, r4, residual=f32.astype(np.int32)), TypeError, ["residual", "int32"]),
 ])
 def test_clear_errors(call, error, names):
     with pytest.raises(error) as info:
@@ -84,3 +100,20 @@ def test_compiled_entry_points_check_their_inputs():
         frozen = f32.copy()
         frozen.flags.writeable = False
         cpu.adamw_step(frozen, f32, f32.copy(), f32.copy(), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+
+
+def test_compiled_entry_points_check_residuals():
+    # The residual the compiled kernels read must have the output's (linear) or x's (norms) shape.
+    cpu = llmcore._cpu
+    with pytest.raises(ValueError, match="residual"):
+        cpu.linear(f32, w38, None, np.ones(12, np.float32))
+    with pytest.raises(TypeError, match="residual"):
+        cpu.linear(f32, w38, None, np.ones((4, 3)))
+    with pytest.raises(ValueError, match="residual"):
+        cpu.linear(f32, w38, None, np.ones((3, 4), np.float32).T)  # not C-contiguous
+    with pytest.raises(ValueError, match="residual"):
+        cpu.rmsnorm_backward(f32, f32, w8, r4, np.ones((4, 7), np.float32))
+    with pytest.raises(ValueError, match="residual"):
+        cpu.layernorm_backward(f32, f32, w8, r4, r4, np.ones(8, np.float32))
+    with pytest.raises(TypeError, match="residual"):
+        cpu.layernorm_backward(f32, f32, w8, r4, r4, f32.astype(np.float64))

@@ -139,6 +139,38 @@ def test_linear_backward_adds_into_given_gradients(cp, rng, bias):
         check(dgb, gb + rdb, 1e-5, "accumulated dbias")
 
 
+
+# The CUDA GEMM has no residual epilogue: ops.linear adds the residual after it. (7, 33) -> 65 and
+# (129, 520) -> 600: ragged tiles and K over several blocks; (2, 5, 300): a 3-D x.
+@pytest.mark.parametrize("x_shape,d_out", [((1, 1), 1), ((7, 33), 65), ((2, 5, 300), 47), ((129, 520), 600)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_with_residual_matches_the_cpu(cp, rng, precision, x_shape, d_out, bias):
+    x, w = randn(rng, x_shape), randn(rng, (d_out, x_shape[-1]))
+    b = randn(rng, (d_out,)) if bias else None
+    r = randn(rng, x_shape[:-1] + (d_out,), scale=float(np.sqrt(x_shape[-1])))  # as large as x @ w.T
+    gr = cp.asarray(r)
+    tol = PRECISION_TOL[precision]
+    y = poisoned(ops.linear, cp.asarray(x), cp.asarray(w), None if b is None else cp.asarray(b), residual=gr)
+    assert y.shape == r.shape
+    check(y, ref.linear(*f64(x, w, b, r)), tol, "linear + residual")
+    check(y, ops.linear(x, w, b, residual=r), tol, "linear + residual against the CPU")
+    np.testing.assert_array_equal(_host(gr), r)  # an input: read, never written
+    # exactly what the same GEMM gives without it, plus the residual
+    plain = ops.linear(cp.asarray(x), cp.asarray(w), None if b is None else cp.asarray(b))
+    np.testing.assert_array_equal(_host(y), _host(plain + gr))
+
+
+def test_linear_residual_exact_on_small_integers(cp, rng):
+    x = rng.integers(-4, 5, (67, 600)).astype(np.float32)
+    w = rng.integers(-4, 5, (131, 600)).astype(np.float32)
+    bias = rng.integers(-64, 65, 131).astype(np.float32)
+    r = rng.integers(-1000, 1001, (67, 131)).astype(np.float32)
+    got = _host(ops.linear(cp.asarray(x), cp.asarray(w), cp.asarray(bias), residual=cp.asarray(r)))
+    exact = x.astype(np.int64) @ w.T.astype(np.int64) + bias.astype(np.int64) + r.astype(np.int64)
+    np.testing.assert_array_equal(got, exact.astype(np.float32))
+    np.testing.assert_array_equal(got, ops.linear(x, w, bias, residual=r))  # the CPU's result, bit for bit
+
+
 # ---- row-wise operations ----------------------------------------------------------------------
 
 ROWS = ROW_SHAPES + [(3, 1024), (2, 50257), (1, 8193)]
@@ -191,6 +223,47 @@ def test_norm_weight_gradients_are_deterministic(cp, rng):
     first = _host(ops.rmsnorm_backward(dy, x, w, rstd)[1])
     for _ in range(3):
         np.testing.assert_array_equal(_host(ops.rmsnorm_backward(dy, x, w, rstd)[1]), first)
+
+
+
+# The norms' backward kernels on the GPU take no residual: ops adds it to dx after them.
+@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (4, 3, 127), (3, 1024), (2, 4099)])
+def test_rmsnorm_backward_with_residual_matches_the_cpu(cp, rng, shape):
+    x, w, dy, r = randn(rng, shape), randn(rng, shape[-1:]), randn(rng, shape), randn(rng, shape)
+    gx, gw, gdy, gr = (cp.asarray(a) for a in (x, w, dy, r))
+    _, rstd = ops.rmsnorm(gx, gw)
+    dx, dw = poisoned(ops.rmsnorm_backward, gdy, gx, gw, rstd, residual=gr)
+    plain_dx, plain_dw = ops.rmsnorm_backward(gdy, gx, gw, rstd)
+    np.testing.assert_array_equal(_host(dx), _host(plain_dx + gr))
+    np.testing.assert_array_equal(_host(dw), _host(plain_dw))  # dweight does not see it
+    np.testing.assert_array_equal(_host(gr), r)
+    cdx, cdw = ops.rmsnorm_backward(dy, x, w, ops.rmsnorm(x, w)[1], residual=r)
+    rdx, rdw = ref.rmsnorm_backward(*f64(dy, x, w), ref.rmsnorm(*f64(x, w))[1], *f64(r))
+    fdx = ref.rmsnorm_backward(dy, x, w, ref.rmsnorm(x, w)[1], r)[0]
+    check(dx, cdx, 1e-5, "rmsnorm dx + residual against the CPU", fdx)
+    check(dx, rdx, 1e-5, "rmsnorm dx + residual", fdx)
+    check(dw, cdw, 1e-5, "rmsnorm dweight against the CPU", ref.rmsnorm_backward(dy, x, w, ref.rmsnorm(x, w)[1])[1])
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (5, 17), (4, 3, 127), (3, 1024), (2, 4099)])
+def test_layernorm_backward_with_residual_matches_the_cpu(cp, rng, shape):
+    x, w, b, dy, r = (randn(rng, s) for s in (shape, shape[-1:], shape[-1:], shape, shape))
+    gx, gw, gb, gdy, gr = (cp.asarray(a) for a in (x, w, b, dy, r))
+    _, mean, rstd = ops.layernorm(gx, gw, gb)
+    dx, dw, db = poisoned(ops.layernorm_backward, gdy, gx, gw, mean, rstd, residual=gr)
+    plain_dx = ops.layernorm_backward(gdy, gx, gw, mean, rstd)[0]
+    np.testing.assert_array_equal(_host(dx), _host(plain_dx + gr))
+    np.testing.assert_array_equal(_host(gr), r)
+    _, cmean, crstd = ops.layernorm(x, w, b)
+    cdx, cdw, cdb = ops.layernorm_backward(dy, x, w, cmean, crstd, residual=r)
+    _, rmean, rrstd = ref.layernorm(*f64(x, w, b))
+    rdx, rdw, rdb = ref.layernorm_backward(*f64(dy, x, w), rmean, rrstd, *f64(r))
+    _, fm, fr = ref.layernorm(x, w, b)
+    fdx, fdw, fdb = ref.layernorm_backward(dy, x, w, fm, fr, r)
+    check(dx, cdx, 1e-5, "layernorm dx + residual against the CPU", fdx)
+    check(dx, rdx, 1e-5, "layernorm dx + residual", fdx)
+    check(dw, cdw, 1e-5, "layernorm dweight against the CPU", fdw)  # dweight, dbias do not see it
+    check(db, cdb, 1e-5, "layernorm dbias against the CPU", fdb)
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 17), (4099,), (64, 3072)])
@@ -320,6 +393,27 @@ def test_mixed_devices_and_bad_ids_raise(cp, rng):
     with pytest.raises(TypeError, match="float32"):
         ops.softmax(cp.asarray(x.astype(np.float64)))
 
+
+
+def test_residual_on_another_device_or_of_wrong_shape_raises(cp, rng):
+    x, w, r = cp.asarray(randn(rng, (4, 8))), cp.asarray(randn(rng, (3, 8))), randn(rng, (4, 3))
+    with pytest.raises(TypeError, match="mix"):
+        ops.linear(x, w, residual=r)  # a NumPy residual next to CuPy operands
+    with pytest.raises(ValueError, match="residual"):
+        ops.linear(x, w, residual=cp.asarray(r[:, :2]))
+    with pytest.raises(TypeError, match="residual"):
+        ops.linear(x, w, residual=cp.asarray(r, dtype=np.float64))
+    gw = cp.asarray(randn(rng, (8,)))
+    _, rstd = ops.rmsnorm(x, gw)
+    with pytest.raises(TypeError, match="mix"):
+        ops.rmsnorm_backward(x, x, gw, rstd, residual=randn(rng, (4, 8)))
+    with pytest.raises(ValueError, match="residual"):
+        ops.rmsnorm_backward(x, x, gw, rstd, residual=cp.asarray(randn(rng, (8,))))
+    _, mean, rstd = ops.layernorm(x, gw, gw)
+    with pytest.raises(TypeError, match="mix"):
+        ops.layernorm_backward(x, x, gw, mean, rstd, residual=randn(rng, (4, 8)))
+    with pytest.raises(ValueError, match="residual"):
+        ops.layernorm_backward(x, x, gw, mean, rstd, residual=cp.asarray(randn(rng, (4, 7))))
 
 def test_results_follow_the_current_stream(cp, rng):
     x = randn(rng, (512, 1024))

@@ -70,3 +70,47 @@ def test_layernorm_random_shapes(rows, C, seed):
     assert_close(dx, rdx, TOL, "dx", float32_ref=ref.layernorm_backward(dy, x, w, mean, rstd)[0])
     assert_close(dw, rdw, TOL, "dweight")
     assert_close(db, rdb, TOL, "dbias")
+
+
+# The gradient around the norm (a skip connection x + f(layernorm(x))) added to dx by the kernel.
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_layernorm_backward_adds_residual(simd, rng, shape):
+    x = randn(rng, shape, scale=2.0) + np.float32(0.5)
+    w, b, dy = randn(rng, shape[-1:]), randn(rng, shape[-1:]), randn(rng, shape)
+    r = randn(rng, shape)
+    r0 = r.copy()
+    _, mean, rstd = ops.layernorm(x, w, b)
+    dx_plain, dw_plain, db_plain = ops.layernorm_backward(dy, x, w, mean, rstd)
+    dx, dw, db = ops.layernorm_backward(dy, x, w, mean, rstd, residual=r)
+    assert dx.dtype == np.float32 and dx.shape == shape
+    # added to each finished dx row: the float32 sum, bit for bit
+    np.testing.assert_array_equal(dx, dx_plain + r)
+    np.testing.assert_array_equal(dw, dw_plain)  # dweight and dbias do not see it
+    np.testing.assert_array_equal(db, db_plain)
+    np.testing.assert_array_equal(r, r0)
+    _, rmean, rrstd = ref.layernorm(*f64(x, w, b))
+    rdx, rdw, rdb = ref.layernorm_backward(*f64(dy, x, w), rmean, rrstd, *f64(r))
+    assert_close(dx, rdx, TOL, "dx", float32_ref=ref.layernorm_backward(dy, x, w, mean, rstd, r)[0])
+    assert_close(dw, rdw, TOL, "dweight")
+    assert_close(db, rdb, TOL, "dbias")
+
+
+def test_layernorm_backward_residual_view_and_threads(rng, threads):
+    # A non-contiguous residual reads as its values; rows split over threads add their own rows.
+    x, w, dy = randn(rng, (777, 96)), randn(rng, (96,)), randn(rng, (777, 96))
+    r = randn(rng, (777, 192))[:, ::2]
+    _, mean, rstd = ops.layernorm(x, w, w)
+    for n in (1, 2, 3):
+        llmcore.set_num_threads(n)
+        dx, _, _ = ops.layernorm_backward(dy, x, w, mean, rstd, residual=r)
+        np.testing.assert_array_equal(dx, ops.layernorm_backward(dy, x, w, mean, rstd)[0] + r)
+
+
+def test_reference_layernorm_backward_residual_matches_finite_differences(rng):
+    # d/dx of sum(layernorm(x) * dy) + sum(x * r): the norm's gradient plus the skip's.
+    x, w, b = rng.standard_normal((3, 5)), rng.standard_normal(5), rng.standard_normal(5)
+    dy, r = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
+    _, mean, rstd = ref.layernorm(x, w, b)
+    dx, _, _ = ref.layernorm_backward(dy, x, w, mean, rstd, r)
+    fd = numerical_grad(lambda t: ref.layernorm(t, w, b)[0], x, dy) + numerical_grad(lambda t: t, x, r)
+    np.testing.assert_allclose(dx, fd, rtol=1e-6, atol=1e-9)

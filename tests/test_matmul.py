@@ -173,3 +173,76 @@ def test_reference_linear_backward_matches_finite_differences(rng):
     np.testing.assert_allclose(dx, numerical_grad(lambda t: ref.linear(t, w, b), x, dy), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(dw, numerical_grad(lambda t: ref.linear(x, t, b), w, dy), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(db, numerical_grad(lambda t: ref.linear(x, w, t), b, dy), rtol=1e-6, atol=1e-8)
+
+
+# linear with a residual (a skip connection the GEMM adds in its epilogue) -----------------------
+
+# (x shape, out_features) against MR = 6/12-row micro-tiles, NR = 8/16/32-column panels and KC =
+# 256: whole tiles over three K blocks (24 x 64, K 520), ragged rows and columns over two
+# (13 x 33, K 300), a 3-D x, more rows than one 288-row block, columns past 512 (A packed, not
+# read in place), a 1-D x, and K = 0 (the output is bias + residual alone).
+RESIDUAL_SHAPES = [((1, 1), 1), ((24, 520), 64), ((13, 300), 33), ((2, 7, 300), 47), ((3, 5, 520), 96),
+                   ((301, 40), 17), ((29, 520), 600), ((145, 257), 65), ((3,), 5), ((4, 0), 6), ((0, 5), 3)]
+
+
+@pytest.mark.parametrize("x_shape,out_features", RESIDUAL_SHAPES)
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_linear_with_residual_matches_reference(simd, rng, x_shape, out_features, has_bias):
+    x = randn(rng, x_shape)
+    w = randn(rng, (out_features, x_shape[-1]))
+    b = randn(rng, (out_features,)) if has_bias else None
+    # As large as x @ w.T itself, so a residual missing from any tile (or added twice) shows.
+    r = randn(rng, x_shape[:-1] + (out_features,), scale=max(1.0, np.sqrt(x_shape[-1])))
+    r0 = r.copy()
+    y = ops.linear(x, w, b, residual=r)
+    assert y.shape == r.shape
+    assert_close(y, ref.linear(*f64(x, w, b, r)), TOL, "y")
+    np.testing.assert_array_equal(r, r0)  # an input: read, never written
+    # the reference adds it last, to what linear gives without it
+    np.testing.assert_array_equal(ref.linear(*f64(x, w, b), residual=f64(r)[0]), ref.linear(*f64(x, w, b)) + f64(r)[0])
+
+
+def test_linear_residual_is_added_once_exactly(simd, rng):
+    # Small integers keep every partial sum exact (below 2^24), so the residual added once and
+    # only once, on the first of several K blocks, with and without bias, on whole and ragged
+    # tiles, shows bit for bit. 13 x 4100 x 1100 takes K in chunks of 512 rows in a 4096-wide
+    # panel and a 4-wide one: the residual belongs to the first chunk only.
+    for M, N, K in [(37, 41, 300), (24, 64, 1000), (145, 7, 257), (30, 600, 520), (2, 3, 5), (13, 4100, 1100)]:
+        x = rng.integers(-4, 5, (M, K)).astype(np.float32)
+        w = rng.integers(-4, 5, (N, K)).astype(np.float32)
+        bias = rng.integers(-64, 65, N).astype(np.float32)
+        r = rng.integers(-1000, 1001, (M, N)).astype(np.float32)
+        exact = x.astype(np.int64) @ w.T.astype(np.int64) + r.astype(np.int64)
+        np.testing.assert_array_equal(ops.linear(x, w, residual=r), exact.astype(np.float32), f"{M}x{N}x{K}")
+        with_bias = (exact + bias.astype(np.int64)).astype(np.float32)
+        np.testing.assert_array_equal(ops.linear(x, w, bias, residual=r), with_bias, f"{M}x{N}x{K} with bias")
+
+
+def test_linear_residual_views_are_read_as_their_values(rng):
+    # A residual that is not C-contiguous (a transposed or strided view) gives the same result as
+    # its contiguous copy.
+    x, w = randn(rng, (9, 40)), randn(rng, (33, 40))
+    rt = randn(rng, (33, 9)).T  # (9, 33), Fortran order
+    rs = randn(rng, (9, 66))[:, ::2]  # (9, 33), every other column
+    for r in (rt, rs):
+        assert not r.flags.c_contiguous
+        np.testing.assert_array_equal(ops.linear(x, w, residual=r), ops.linear(x, w, residual=np.ascontiguousarray(r)))
+        assert_close(ops.linear(x, w, residual=r), ref.linear(*f64(x, w), residual=f64(r)[0]), TOL)
+
+
+def test_linear_residual_does_not_depend_on_thread_count(rng, threads):
+    x, w, r = randn(rng, (300, 520)), randn(rng, (70, 520)), randn(rng, (300, 70))
+    llmcore.set_num_threads(1)
+    one = ops.linear(x, w, residual=r)
+    llmcore.set_num_threads(2)
+    np.testing.assert_array_equal(one, ops.linear(x, w, residual=r))
+
+
+def test_reference_linear_residual_matches_finite_differences(rng):
+    x, w, b, r = (rng.standard_normal(s) for s in [(2, 3, 4), (5, 4), (5,), (2, 3, 5)])
+    dy = rng.standard_normal((2, 3, 5))
+    # the residual's gradient is dy itself; x's and weight's are those of linear without it
+    np.testing.assert_allclose(numerical_grad(lambda t: ref.linear(x, w, b, t), r, dy), dy, rtol=1e-6, atol=1e-8)
+    dx, dw, _ = ref.linear_backward(dy, x, w, has_bias=True)
+    np.testing.assert_allclose(dx, numerical_grad(lambda t: ref.linear(t, w, b, r), x, dy), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dw, numerical_grad(lambda t: ref.linear(x, t, b, r), w, dy), rtol=1e-6, atol=1e-8)

@@ -65,3 +65,42 @@ def test_rmsnorm_random_shapes(rows, C, seed):
     rdx, rdw = ref.rmsnorm_backward(*f64(dy, x, w, rrstd))
     assert_close(dx, rdx, TOL, "dx", float32_ref=ref.rmsnorm_backward(dy, x, w, rstd)[0])
     assert_close(dw, rdw, TOL, "dweight")
+
+
+# The gradient around the norm (a skip connection x + f(rmsnorm(x))) added to dx by the kernel.
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_rmsnorm_backward_adds_residual(simd, rng, shape):
+    x, w, dy = randn(rng, shape, scale=2.0), randn(rng, shape[-1:]), randn(rng, shape)
+    r = randn(rng, shape)
+    r0 = r.copy()
+    _, rstd = ops.rmsnorm(x, w)
+    dx_plain, dw_plain = ops.rmsnorm_backward(dy, x, w, rstd)
+    dx, dw = ops.rmsnorm_backward(dy, x, w, rstd, residual=r)
+    assert dx.dtype == np.float32 and dx.shape == shape
+    # added to each finished dx row: the float32 sum, bit for bit
+    np.testing.assert_array_equal(dx, dx_plain + r)
+    np.testing.assert_array_equal(dw, dw_plain)  # dweight does not see it
+    np.testing.assert_array_equal(r, r0)
+    rdx, rdw = ref.rmsnorm_backward(*f64(dy, x, w), ref.rmsnorm(*f64(x, w))[1], *f64(r))
+    assert_close(dx, rdx, TOL, "dx", float32_ref=ref.rmsnorm_backward(dy, x, w, rstd, r)[0])
+    assert_close(dw, rdw, TOL, "dweight")
+
+
+def test_rmsnorm_backward_residual_view_and_threads(rng, threads):
+    # A non-contiguous residual reads as its values; rows split over threads add their own rows.
+    x, w, dy = randn(rng, (1001, 64)), randn(rng, (64,)), randn(rng, (1001, 64))
+    r = randn(rng, (64, 1001)).T
+    _, rstd = ops.rmsnorm(x, w)
+    for n in (1, 2, 3):
+        llmcore.set_num_threads(n)
+        dx, _ = ops.rmsnorm_backward(dy, x, w, rstd, residual=r)
+        np.testing.assert_array_equal(dx, ops.rmsnorm_backward(dy, x, w, rstd)[0] + r)
+
+
+def test_reference_rmsnorm_backward_residual_matches_finite_differences(rng):
+    # d/dx of sum(rmsnorm(x) * dy) + sum(x * r): the norm's gradient plus the skip's.
+    x, w, dy, r = (rng.standard_normal(s) for s in [(3, 5), (5,), (3, 5), (3, 5)])
+    _, rstd = ref.rmsnorm(x, w)
+    dx, _ = ref.rmsnorm_backward(dy, x, w, rstd, r)
+    fd = numerical_grad(lambda t: ref.rmsnorm(t, w)[0], x, dy) + numerical_grad(lambda t: t, x, r)
+    np.testing.assert_allclose(dx, fd, rtol=1e-6, atol=1e-9)

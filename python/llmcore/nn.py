@@ -180,9 +180,14 @@ class Linear(Module):
         self.weight = weight
         self.bias = Parameter(be.to_device(np.zeros(d_out, dtype=dtype))) if bias else None
 
-    def forward(self, x):
-        self.x = x  # (..., in)
-        return self.be.ops.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+    def forward(self, x, residual=None):
+        """x (..., in) -> (..., out), plus residual (..., out) when given (a skip connection, added
+        as the kernel writes the output; its gradient is dy itself, the caller's to route)."""
+        self.x = x
+        bias = None if self.bias is None else self.bias.data
+        if residual is None:
+            return self.be.ops.linear(x, self.weight.data, bias)
+        return self.be.ops.linear(x, self.weight.data, bias, residual=residual)
 
     def backward(self, dy):
         weight, bias = self.weight, self.bias
@@ -209,8 +214,9 @@ class RMSNorm(Module):
         self.x = x
         return y
 
-    def backward(self, dy):
-        dx, dw = self.be.ops.rmsnorm_backward(dy, self.x, self.weight.data, self.rstd)
+    def backward(self, dy, residual=None):
+        """dx, plus residual when given (the gradient reaching x around the norm)."""
+        dx, dw = self.be.ops.rmsnorm_backward(dy, self.x, self.weight.data, self.rstd, residual=residual)
         self.weight.grad += dw
         return dx
 
@@ -226,8 +232,10 @@ class LayerNorm(Module):
         self.x = x
         return y
 
-    def backward(self, dy):
-        dx, dw, db = self.be.ops.layernorm_backward(dy, self.x, self.weight.data, self.mean, self.rstd)
+    def backward(self, dy, residual=None):
+        """dx, plus residual when given (the gradient reaching x around the norm)."""
+        dx, dw, db = self.be.ops.layernorm_backward(dy, self.x, self.weight.data, self.mean, self.rstd,
+                                                    residual=residual)
         self.weight.grad += dw
         self.bias.grad += db
         return dx
@@ -273,9 +281,10 @@ class CausalSelfAttention(Module):
         if cfg.pos == "alibi":
             self.alibi_slopes = be.to_device(positions.alibi_slopes(cfg.n_head, dtype=dtype))
 
-    def forward(self, x, cache=None, start=0):
+    def forward(self, x, cache=None, start=0, residual=None):
         """x (B, T, C). With a KVCache, x holds the tokens at positions start..start+T-1 and attends
-        to every cached token before them as well (prefill: start=0; decoding: T=1)."""
+        to every cached token before them as well (prefill: start=0; decoding: T=1). residual
+        (B, T, C), if given, is added to the output by the output projection."""
         xp, ops = self.be.xp, self.be.ops
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -292,7 +301,7 @@ class CausalSelfAttention(Module):
             k, v = cache.k[:, :start + T], cache.v[:, :start + T]  # (B, S, Hkv, D), S = start + T
         out, lse = ops.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes)  # (B, T, H, D)
         self.saved = (q, k, v, out, lse)
-        return self.c_proj.forward(out.reshape(B, T, H * D))  # (B, T, C)
+        return self.c_proj.forward(out.reshape(B, T, H * D), residual)  # (B, T, C)
 
     def backward(self, dy):
         xp, ops = self.be.xp, self.be.ops
@@ -325,13 +334,14 @@ class MLP(Module):
         self.c_proj = Linear(be, hidden, cfg.d_model, rng=rng, dtype=dtype, bias=cfg.bias,
                              std=0.02 / np.sqrt(2 * cfg.n_layer))
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """x (B, T, C) -> (B, T, C), plus residual when given (added by c_proj)."""
         self.h = self.c_fc.forward(x)  # (B, T, 4C)
         if self.act == "gelu":
             a = self.be.ops.gelu(self.h)
         else:
             a = self.be.xp.maximum(self.h, 0)  # ReLU is one comparison: NumPy glue, not a kernel
-        return self.c_proj.forward(a)  # (B, T, C)
+        return self.c_proj.forward(a, residual)  # (B, T, C)
 
     def backward(self, dy):
         da = self.c_proj.backward(dy)  # (B, T, 4C), fresh: safe to modify in place
@@ -353,18 +363,13 @@ class Block(Module):
         self.mlp = MLP(be, cfg, rng=rng, dtype=dtype)
 
     def forward(self, x, cache=None, start=0):
-        # Each branch returns a fresh array (its output projection's), so the residual is added
-        # into it in place: x itself is still needed, saved by ln_1 for the backward.
-        h = self.attn.forward(self.ln_1.forward(x), cache, start)  # (B, T, C)
-        h += x
-        out = self.mlp.forward(self.ln_2.forward(h))
-        out += h
-        return out
+        # Each branch's output projection adds the residual stream as it writes its output: the
+        # sums x + attn(...) and h + mlp(...) take no pass of their own.
+        h = self.attn.forward(self.ln_1.forward(x), cache, start, residual=x)  # (B, T, C)
+        return self.mlp.forward(self.ln_2.forward(h), residual=h)
 
     def backward(self, dy):
-        # The residual stream passes dy through unchanged; each branch adds its own gradient.
-        d = self.ln_2.backward(self.mlp.backward(dy))
-        d += dy
-        dx = self.ln_1.backward(self.attn.backward(d))
-        dx += d
-        return dx
+        # The residual stream passes dy through unchanged, and each norm's backward adds it to the
+        # gradient that came through its branch.
+        d = self.ln_2.backward(self.mlp.backward(dy), residual=dy)
+        return self.ln_1.backward(self.attn.backward(d), residual=d)

@@ -81,6 +81,15 @@ def same_shape(name: str, x, shape, what: str = "") -> None:
         raise ValueError(f"{name}: expected shape {shape}{why}, got {x.shape}")
 
 
+def optional_float_array(name: str, x, shape, what: str = ""):
+    """None, or a float32 array of `shape`, made C-contiguous (an optional input like a residual)."""
+    if x is None:
+        return None
+    x = float_array(name, x)
+    same_shape(name, x, shape, what)
+    return x
+
+
 def nonempty_last_axis(name: str, x) -> None:
     if x.shape[-1] == 0:
         raise ValueError(f"{name}: the last axis is reduced over, so it must not be empty (shape {x.shape})")

@@ -24,8 +24,11 @@ def layernorm(x, weight, bias, eps: float = 1e-5):
     return chk.backend(x, weight, bias).layernorm_forward(x, weight, bias, eps)
 
 
-def layernorm_backward(dy, x, weight, mean, rstd):
-    """(dx, dweight, dbias) for y = layernorm(x, weight, bias)[0], given the forward's mean, rstd."""
+def layernorm_backward(dy, x, weight, mean, rstd, residual=None):
+    """(dx, dweight, dbias) for y = layernorm(x, weight, bias)[0], given the forward's mean, rstd.
+
+    residual (x's shape), if given, is added to dx, as in rmsnorm_backward.
+    """
     x, weight, _ = _check_x_params(x, weight)
     dy = chk.float_array("dy", dy)
     chk.same_shape("dy", dy, x.shape, "x's shape")
@@ -33,4 +36,12 @@ def layernorm_backward(dy, x, weight, mean, rstd):
     chk.same_shape("mean", mean, x.shape[:-1], "x's shape without its last axis")
     rstd = chk.float_array("rstd", rstd)
     chk.same_shape("rstd", rstd, x.shape[:-1], "x's shape without its last axis")
-    return chk.backend(dy, x, weight, mean, rstd).layernorm_backward(dy, x, weight, mean, rstd)
+    residual = chk.optional_float_array("residual", residual, x.shape, "x's shape")
+    mod = chk.backend(*(a for a in (dy, x, weight, mean, rstd, residual) if a is not None))
+    if residual is None:
+        return mod.layernorm_backward(dy, x, weight, mean, rstd)
+    if chk.is_cupy(x):  # the CUDA core takes no residual: add it here
+        dx, dweight, dbias = mod.layernorm_backward(dy, x, weight, mean, rstd)
+        dx += residual
+        return dx, dweight, dbias
+    return mod.layernorm_backward(dy, x, weight, mean, rstd, residual)

@@ -39,13 +39,24 @@ def _linear_shapes(x, weight):
     return x, weight
 
 
-def linear(x, weight, bias=None):
-    """x (..., in) @ weight (out, in).T + bias (out,) -> (..., out)."""
+def linear(x, weight, bias=None, residual=None):
+    """x (..., in) @ weight (out, in).T + bias (out,) + residual (..., out) -> (..., out).
+
+    residual is a skip connection's input (a transformer block's x + proj(...)): on the CPU the
+    GEMM adds it as it writes each tile, with no pass of its own.
+    """
     x, weight = _linear_shapes(x, weight)
-    if bias is not None:
-        bias = chk.float_array("bias", bias, 1)
-        chk.same_shape("bias", bias, (weight.shape[0],), "weight's out_features")
-    return chk.backend(x, weight).linear(x, weight, bias)
+    bias = chk.optional_float_array("bias", bias, (weight.shape[0],), "weight's out_features")
+    out_shape = x.shape[:-1] + (weight.shape[0],)
+    residual = chk.optional_float_array("residual", residual, out_shape, "the output's shape")
+    mod = chk.backend(*(a for a in (x, weight, bias, residual) if a is not None))
+    if residual is None:
+        return mod.linear(x, weight, bias)
+    if chk.is_cupy(x):  # the CUDA core has no residual epilogue: add it here
+        y = mod.linear(x, weight, bias)
+        y += residual
+        return y
+    return mod.linear(x, weight, bias, residual)
 
 
 def linear_backward(dy, x, weight, *, has_bias: bool = False, dweight=None, dbias=None):

@@ -19,11 +19,23 @@ def rmsnorm(x, weight, eps: float = 1e-5):
     return chk.backend(x, weight).rmsnorm_forward(x, weight, eps)
 
 
-def rmsnorm_backward(dy, x, weight, rstd):
-    """(dx, dweight) for y = rmsnorm(x, weight)[0], given the forward's rstd."""
+def rmsnorm_backward(dy, x, weight, rstd, residual=None):
+    """(dx, dweight) for y = rmsnorm(x, weight)[0], given the forward's rstd.
+
+    residual (x's shape), if given, is added to dx: the gradient that reaches x around the norm,
+    through a skip connection (x + f(rmsnorm(x))), summed in the same pass.
+    """
     x, weight = _check_x_weight(x, weight)
     dy = chk.float_array("dy", dy)
     chk.same_shape("dy", dy, x.shape, "x's shape")
     rstd = chk.float_array("rstd", rstd)
     chk.same_shape("rstd", rstd, x.shape[:-1], "x's shape without its last axis")
-    return chk.backend(dy, x, weight, rstd).rmsnorm_backward(dy, x, weight, rstd)
+    residual = chk.optional_float_array("residual", residual, x.shape, "x's shape")
+    mod = chk.backend(*(a for a in (dy, x, weight, rstd, residual) if a is not None))
+    if residual is None:
+        return mod.rmsnorm_backward(dy, x, weight, rstd)
+    if chk.is_cupy(x):  # the CUDA core takes no residual: add it here
+        dx, dweight = mod.rmsnorm_backward(dy, x, weight, rstd)
+        dx += residual
+        return dx, dweight
+    return mod.rmsnorm_backward(dy, x, weight, rstd, residual)

@@ -12,8 +12,8 @@ def layernorm(x, weight, bias, eps=1e-5):
     return xc * rstd[..., None] * weight + bias, mean, rstd.astype(x.dtype)
 
 
-def layernorm_backward(dy, x, weight, mean, rstd):
-    """(dx, dweight, dbias)."""
+def layernorm_backward(dy, x, weight, mean, rstd, residual=None):
+    """(dx, dweight, dbias); dx plus residual (the gradient around the norm) when given."""
     r = rstd[..., None]
     xhat = (x - mean[..., None]) * r
     g = dy * weight
@@ -21,4 +21,4 @@ def layernorm_backward(dy, x, weight, mean, rstd):
     C = x.shape[-1]
     dweight = (dy * xhat).reshape(-1, C).sum(axis=0)
     dbias = dy.reshape(-1, C).sum(axis=0)
-    return dx, dweight, dbias
+    return (dx if residual is None else dx + residual), dweight, dbias

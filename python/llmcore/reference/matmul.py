@@ -13,10 +13,12 @@ def matmul(a, b, *, transpose_a=False, transpose_b=False):
     return np.matmul(_t(a) if transpose_a else a, _t(b) if transpose_b else b)
 
 
-def linear(x, weight, bias=None):
-    """x (..., in) @ weight (out, in).T + bias (out,)."""
+def linear(x, weight, bias=None, residual=None):
+    """x (..., in) @ weight (out, in).T + bias (out,) + residual (..., out)."""
     y = x @ weight.T
-    return y + bias if bias is not None else y
+    if bias is not None:
+        y = y + bias
+    return y + residual if residual is not None else y
 
 
 def linear_backward(dy, x, weight, *, has_bias=False, dweight=None, dbias=None):
