@@ -48,6 +48,28 @@ def test_wide_panels_take_long_k_in_chunks(simd, rng):
     np.testing.assert_array_equal(grad, (1 + dy.T.astype(np.int64) @ x.astype(np.int64)).astype(np.float32))
 
 
+def test_weight_gradients_split_k_into_pieces(simd, rng, threads):
+    # dW = dy^T @ x with a small dW and K >= 2048 runs as pieces of 1024 rows of K, each its own
+    # GEMM, piece 0 into dW (with bias and accumulation), the others into partials added after.
+    # K = 2500 gives pieces 1024, 1024, 452; (37, 50) is ragged in rows and columns. Exact small
+    # integers show a piece lost, repeated or added to the wrong place; a float run must give the
+    # same bits on one thread as on two (the pieces are fixed by the shape, not the threads).
+    M, N, K = 37, 50, 2500
+    dy = rng.integers(-2, 3, (K, M)).astype(np.float32)
+    x = rng.integers(-2, 3, (K, N)).astype(np.float32)
+    exact = dy.T.astype(np.int64) @ x.astype(np.int64)
+    np.testing.assert_array_equal(ops.matmul(dy, x, transpose_a=True), exact.astype(np.float32))
+    grad = np.full((M, N), 3, np.float32)
+    ops.linear_backward(dy, x, randn(rng, (M, N)), dweight=grad)
+    np.testing.assert_array_equal(grad, (3 + exact).astype(np.float32))
+    dy, x = randn(rng, (K, M)), randn(rng, (K, N))
+    assert_close(ops.matmul(dy, x, transpose_a=True), ref.matmul(*f64(dy, x), transpose_a=True), TOL)
+    llmcore.set_num_threads(1)
+    one = ops.matmul(dy, x, transpose_a=True)
+    llmcore.set_num_threads(2)
+    np.testing.assert_array_equal(one, ops.matmul(dy, x, transpose_a=True))
+
+
 @pytest.mark.parametrize("batch", [(1,), (3,), (2, 5)])
 @pytest.mark.parametrize("shared_b", [True, False])
 @pytest.mark.parametrize("transpose_a", [False, True])

@@ -46,4 +46,9 @@ def test_softmax_random_shapes(rows, cols, seed):
     x, dy = randn(rng, (rows, cols), scale=4.0), randn(rng, (rows, cols))
     y = ops.softmax(x)
     assert rel_err(y, ref.softmax(*f64(x))) <= TOL
-    assert rel_err(ops.softmax_backward(dy, y), ref.softmax_backward(*f64(dy, y))) <= TOL
+    # dx = y (dy - <dy, y>) cancels where dy is nearly even across a row (found at 2 columns):
+    # the float32 error is bounded by the size of the terms, not of the result.
+    dy64, y64 = f64(dy, y)
+    terms = y64 * (np.abs(dy64) + np.abs((dy64 * y64).sum(axis=-1, keepdims=True)))
+    err = np.linalg.norm(ops.softmax_backward(dy, y) - ref.softmax_backward(dy64, y64))
+    assert err <= TOL * np.linalg.norm(terms)
