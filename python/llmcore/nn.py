@@ -292,9 +292,10 @@ class CausalSelfAttention(Module):
         # q, k, v are strided views into the fused buffer: the kernel reads them without a copy.
         q, k, v = qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
         if self.rope is not None:
-            qk = xp.empty((B, T, H + Hkv, D), dtype=x.dtype)  # rotated q and k side by side
-            positions.rope_forward(qkv[:, :, :H + Hkv], self.rope[start:start + T], out=qk)
-            q, k = qk[:, :, :H], qk[:, :, H:]
+            # q and k rotated in place: nothing else reads the projection's output before rotation
+            # (c_attn's backward needs only its input), and the rotation reads and writes the same
+            # lines instead of filling a second buffer.
+            positions.rope_forward(qkv[:, :, :H + Hkv], self.rope[start:start + T], out=qkv[:, :, :H + Hkv])
         if cache is not None:
             cache.k[:, start:start + T] = k
             cache.v[:, start:start + T] = v
