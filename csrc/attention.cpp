@@ -494,8 +494,19 @@ void forward_rows(float* out, float* lse, const Problem& P, int64_t b, int64_t h
 // backward
 
 struct Grads {
+    const AttentionShape& s;
     float *dq, *dk, *dv;
     const float *dout, *lse, *delta;  // delta: (B, H, T), rowsum(dout * out)
+
+    float* dq_row(int64_t b, int64_t i, int64_t h) const {
+        return dq + b * s.dq_strides[0] + i * s.dq_strides[1] + h * s.dq_strides[2];
+    }
+    float* dk_row(int64_t b, int64_t j, int64_t hk) const {
+        return dk + b * s.dk_strides[0] + j * s.dk_strides[1] + hk * s.dk_strides[2];
+    }
+    float* dv_row(int64_t b, int64_t j, int64_t hk) const {
+        return dv + b * s.dv_strides[0] + j * s.dv_strides[1] + hk * s.dv_strides[2];
+    }
 };
 
 // dK and dV of keys [j0, j0 + nk) of kv head hk (all G query heads, every query block that sees
@@ -579,31 +590,31 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             first = false;
             if (with_dq) {
                 // dQ (nq x D) += dS (nq x nk) K (nk x D), lanes along D.
-                float* dqp = g.dq + ((b * T + i0) * H + h) * D;
+                float* dqp = g.dq_row(b, i0, h);
+                const int64_t dqs = s.dq_strides[1];
                 // The first key block is seen by every query: it writes dq, later ones add.
                 const bool add = j0 > 0;
                 const Band steps = mask ? Band{Band::kStepsBelow, p0 - j0} : Band{};
                 if (dq_direct) {
-                    tile_gemm(dqp, HD, dsb, kl, 1, kpad, Dp, nq, nk, D, add, nullptr, steps);
+                    tile_gemm(dqp, dqs, dsb, kl, 1, kpad, Dp, nq, nk, D, add, nullptr, steps);
                 } else {
-                    if (add) copy_rows(dqpad, dqp, HD, nq);  // (an overwrite writes every lane)
+                    if (add) copy_rows(dqpad, dqp, dqs, nq);  // (an overwrite writes every lane)
                     tile_gemm(dqpad, Dp, dsb, kl, 1, kpad, Dp, nq, nk, Dp, add, nullptr, steps);
                     for (int64_t i = 0; i < nq; ++i)
-                        std::copy(dqpad + i * Dp, dqpad + i * Dp + D, dqp + i * HD);
+                        std::copy(dqpad + i * Dp, dqpad + i * Dp + D, dqp + i * dqs);
                 }
             }
         }
     }
-    const int64_t kvrow = s.Hkv * D;  // dk, dv are contiguous (B, S, Hkv, D)
-    float* dkp = g.dk + ((b * s.S + j0) * s.Hkv + hk) * D;
-    float* dvp = g.dv + ((b * s.S + j0) * s.Hkv + hk) * D;
     for (int64_t j = 0; j < nk; ++j) {
+        float* dkr = g.dk_row(b, j0 + j, hk);
+        float* dvr = g.dv_row(b, j0 + j, hk);
         if (first) {  // no query sees these keys: their gradients are empty sums
-            std::fill(dkp + j * kvrow, dkp + j * kvrow + D, 0.0f);
-            std::fill(dvp + j * kvrow, dvp + j * kvrow + D, 0.0f);
+            std::fill(dkr, dkr + D, 0.0f);
+            std::fill(dvr, dvr + D, 0.0f);
         } else {
-            std::copy(dkb + j * Dp, dkb + j * Dp + D, dkp + j * kvrow);
-            std::copy(dvb + j * Dp, dvb + j * Dp + D, dvp + j * kvrow);
+            std::copy(dkb + j * Dp, dkb + j * Dp + D, dkr);
+            std::copy(dvb + j * Dp, dvb + j * Dp + D, dvr);
         }
     }
 }
@@ -648,7 +659,7 @@ void dq_block(const Problem& P, const Grads& g, int64_t b, int64_t h, int64_t i0
         }
         tile_gemm(dqt, W, kb, 1, ks, dst, W, D, nk, W, true);
     }
-    transpose_out(g.dq + ((b * T + i0) * H + h) * D, H * D, dqt, W, nq, D, nullptr);
+    transpose_out(g.dq_row(b, i0, h), s.dq_strides[1], dqt, W, nq, D, nullptr);
 }
 
 }  // namespace
@@ -707,7 +718,12 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     const int64_t B = shape.B, T = shape.T, S = shape.S, H = shape.H, Hkv = shape.Hkv, D = shape.D;
     if (B == 0 || Hkv == 0) return;
     if (S == 0) {  // no keys: every gradient is an empty sum (the Python layer rejects this case)
-        std::fill(dq, dq + B * T * H * D, 0.0f);
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t t = 0; t < T; ++t)
+                for (int64_t h = 0; h < H; ++h) {
+                    float* row = dq + b * shape.dq_strides[0] + t * shape.dq_strides[1] + h * shape.dq_strides[2];
+                    std::fill(row, row + D, 0.0f);
+                }
         return;
     }
     const Problem P{shape, q, k, v, causal, scale, alibi_slopes, H / Hkv, S - T};
@@ -725,7 +741,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
         const int64_t b = r / (T * H), t = r / H % T, h = r % H;
         delta[(b * H + h) * T + t] = sum;
     }
-    const Grads g{dq, dk, dv, dout, lse, delta};
+    const Grads g{shape, dq, dk, dv, dout, lse, delta};
 
     const int64_t nkb = ceil_div(S, BK), nqb = ceil_div(T, BQ), pairs = B * Hkv;
     const int64_t scratch_floats = 2 * D * BK + 2 * BQ * BK + (3 * BK + 3 * BQ) * round_up(D, VEC);

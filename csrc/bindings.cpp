@@ -552,9 +552,28 @@ py::tuple attention_forward(const py::array& q, const py::array& k, const py::ar
     return py::make_tuple(out, lse);
 }
 
+// A gradient output of attention_backward: the caller's (B, L, heads, D) view with a contiguous
+// last axis (e.g. a slice of a fused QKV gradient), or a fresh contiguous array.
+float* grad_out(std::optional<py::array>& given, py::array& result, const char* name, const Shape& shape,
+                int64_t strides[3]) {
+    if (given) {
+        if (!given->writeable()) fail(std::string(name) + ": expected a writeable array");
+        require_shape(*given, name, shape);
+        result = *given;
+    } else {
+        result = empty_f32(shape);
+    }
+    return const_cast<float*>(strided_bshd(result, name, strides));
+}
+
+// (dq, dk, dv), written into the given arrays when passed. Whether they overlap each other or the
+// inputs is checked by llmcore.ops (np.shares_memory): an overlap gives wrong values, never an
+// access outside the arrays.
 py::tuple attention_backward(const py::array& dout, const py::array& q, const py::array& k,
                              const py::array& v, const py::array& out, const py::array& lse,
-                             bool causal, float scale, std::optional<py::array> alibi_slopes) {
+                             bool causal, float scale, std::optional<py::array> alibi_slopes,
+                             std::optional<py::array> dq_out, std::optional<py::array> dk_out,
+                             std::optional<py::array> dv_out) {
     const float *pq, *pk, *pv;
     auto s = attention_shape(q, k, v, &pq, &pk, &pv);
     require_causal_fits(causal, s);
@@ -565,10 +584,10 @@ py::tuple attention_backward(const py::array& dout, const py::array& q, const py
     require_shape(out, "out", shape_of(q));
     require_shape(lse, "lse", {(py::ssize_t)s.B, (py::ssize_t)s.H, (py::ssize_t)s.T});
     const float* pa = alibi_ptr(alibi_slopes, s.H);
-    auto dq = empty_f32(shape_of(q));
-    auto dk = empty_f32(shape_of(k));
-    auto dv = empty_f32(shape_of(v));
-    float *pdq = ptr(dq), *pdk = ptr(dk), *pdv = ptr(dv);
+    py::array dq, dk, dv;
+    float* pdq = grad_out(dq_out, dq, "dq", shape_of(q), s.dq_strides);
+    float* pdk = grad_out(dk_out, dk, "dk", shape_of(k), s.dk_strides);
+    float* pdv = grad_out(dv_out, dv, "dv", shape_of(v), s.dv_strides);
     {
         py::gil_scoped_release nogil;
         if (dq.size() + dk.size() > 0)
@@ -665,7 +684,8 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("causal"),
           py::arg("scale"), py::arg("alibi_slopes") = py::none());
     m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
-          py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("scale"), py::arg("alibi_slopes") = py::none());
+          py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("scale"), py::arg("alibi_slopes") = py::none(),
+          py::arg("dq") = py::none(), py::arg("dk") = py::none(), py::arg("dv") = py::none());
 
     m.def("rope", &rope, py::arg("x"), py::arg("rot"), py::arg("out"), py::arg("conjugate"));
 

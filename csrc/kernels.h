@@ -71,16 +71,18 @@ using AdamwStepFn = void(float* param, float* m, float* v, const float* grad, in
 // Attention over q (B,T,H,D), k and v (B,S,Hkv,D) with arbitrary strides on every axis but the
 // last (a view into a fused QKV buffer needs no copy). Strides are in elements, ordered
 // (batch, seq, head). out (B,T,H,D) and lse (B,H,T) are contiguous. With causal and S > T, query
-// i sits at key position S - T + i. alibi_slopes is null or (H,).
+// i sits at key position S - T + i. alibi_slopes is null or (H,). The backward writes dq, dk and
+// dv through their own strides (views into one fused gradient buffer need no copy afterwards).
 struct AttentionShape {
     int64_t B, T, S, H, Hkv, D;
     int64_t q_strides[3], k_strides[3], v_strides[3];
+    int64_t dq_strides[3], dk_strides[3], dv_strides[3];  // backward only
 };
 using AttentionForwardFn = void(float* out, float* lse, const float* q, const float* k,
                                 const float* v, const AttentionShape& shape, bool causal,
                                 float scale, const float* alibi_slopes);
-// dout and out are contiguous (B,T,H,D); dq (B,T,H,D), dk and dv (B,S,Hkv,D) are contiguous
-// and fully overwritten.
+// dout and out are contiguous (B,T,H,D); dq (B,T,H,D), dk and dv (B,S,Hkv,D) are fully
+// overwritten, through shape.dq/dk/dv_strides, and overlap neither each other nor the inputs.
 using AttentionBackwardFn = void(float* dq, float* dk, float* dv, const float* dout,
                                  const float* q, const float* k, const float* v, const float* out,
                                  const float* lse, const AttentionShape& shape, bool causal,

@@ -474,3 +474,56 @@ def test_long_sequence_never_materialises_scores():
     assert r["fwd"] - r["base"] < 16 * mib + 48 * mib
     assert r["bwd"] - r["base"] < 64 * mib + 48 * mib
     assert r["bwd"] < 1024 * mib
+
+
+# gradients written into given views (the q, k, v slices of a fused QKV gradient) ---------------
+
+@pytest.mark.parametrize("B,T,H,Hkv,D", [(2, 70, 4, 2, 64), (1, 33, 3, 1, 24), (2, 5, 2, 2, 7)],
+                         ids=["gqa-one-pass", "mqa-two-pass", "tiny-odd-D"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_backward_writes_into_fused_gradient_views(B, T, H, Hkv, D, causal):
+    """The same bits as fresh gradients, in every slice of (B, T, H + 2 Hkv, D), nothing outside
+    them touched. (B=1, Hkv=1 has too few (batch, kv head) pairs for the one-pass scheme.)"""
+    rng = np.random.default_rng(11)
+    q, k, v, dout, _ = _inputs(rng, B, T, T, H, Hkv, D, False)
+    out, lse = ops.attention(q, k, v, causal=causal)
+    fresh = ops.attention_backward(dout, q, k, v, out, lse, causal=causal)
+    fused = np.full((B, T, H + 2 * Hkv + 1, D), 7.0, np.float32)  # one spare head: must stay 7
+    views = fused[:, :, :H], fused[:, :, H:H + Hkv], fused[:, :, H + Hkv:H + 2 * Hkv]
+    got = ops.attention_backward(dout, q, k, v, out, lse, causal=causal, dq=views[0], dk=views[1], dv=views[2])
+    for g, view, f in zip(got, views, fresh):
+        assert g is view
+        np.testing.assert_array_equal(view, f)
+    assert (fused[:, :, -1] == 7.0).all()
+    ref = reference.attention_backward(*_f64(dout, q, k, v, out, lse), causal=causal,
+                                       dq=np.zeros(q.shape), dk=np.zeros(k.shape), dv=np.zeros(v.shape))
+    for g, r in zip(got, ref):
+        assert _rel_err(g, r) < 1e-4
+
+
+def test_backward_gradient_outputs_are_checked():
+    rng = np.random.default_rng(12)
+    q, k, v, dout, _ = _inputs(rng, 1, 8, 8, 2, 1, 16, False)
+    out, lse = ops.attention(q, k, v)
+    grads = [np.zeros_like(a) for a in (q, k, v)]
+    call = lambda dq, dk, dv: ops.attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv)
+    with pytest.raises(ValueError, match="all three"):
+        call(grads[0], grads[1], None)
+    with pytest.raises(ValueError, match="dk: expected shape"):
+        call(grads[0], grads[0], grads[2])
+    with pytest.raises(ValueError, match="dq: must not overlap q"):
+        call(q, grads[1], grads[2])
+    with pytest.raises(ValueError, match="dv: must not overlap dk"):
+        call(grads[0], grads[1], grads[1])
+    with pytest.raises(ValueError, match="dq: the last axis"):
+        call(np.zeros((1, 8, 2, 32), np.float32)[..., ::2], grads[1], grads[2])
+    readonly = np.zeros_like(q)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="dq: written in place"):
+        call(readonly, grads[1], grads[2])
+    with pytest.raises(TypeError, match="dq"):
+        call(grads[0].astype(np.float64), grads[1], grads[2])
+    # the compiled entry point checks shapes and the contiguous last axis itself
+    with pytest.raises(ValueError, match="dk"):
+        llmcore._cpu.attention_backward(dout, q, k, v, out, lse, True, 0.25, None, grads[0], grads[0], grads[2])
+    assert all(not g.any() for g in grads)  # nothing was written by a refused call

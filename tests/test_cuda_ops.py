@@ -377,6 +377,14 @@ def test_attention_reads_fused_qkv_views(cp, rng):
     rdq, rdk, rdv = ref.attention_backward(*f64(dout, hq, hk, hv), *ref.attention(*f64(hq, hk, hv)))
     for name, a, b in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
         check(a, b, 1e-4, f"fused-view {name}")
+    # written into the views of a fused gradient buffer: the same values, the spare head untouched
+    dqkv = cp.full((B, T, H + 2 * Hkv + 1, D), 7.0, dtype=np.float32)
+    views = dqkv[:, :, :H], dqkv[:, :, H:H + Hkv], dqkv[:, :, H + Hkv:H + 2 * Hkv]
+    got = ops.attention_backward(cp.asarray(dout), q, k, v, out, lse, dq=views[0], dk=views[1], dv=views[2])
+    for name, g, view, fresh in zip(("dq", "dk", "dv"), got, views, (dq, dk, dv)):
+        assert g is view
+        assert bool((view == fresh).all()), f"fused-gradient {name}"
+    assert bool((dqkv[:, :, -1] == 7.0).all())
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -310,16 +310,13 @@ class CausalSelfAttention(Module):
         B, T, H, D = q.shape
         Hkv = self.n_kv_head
         dout = self.c_proj.backward(dy).reshape(B, T, H, D)  # (B, T, H, D)
-        dq, dk, dv = ops.attention_backward(dout, q, k, v, out, lse, causal=True,
-                                            alibi_slopes=self.alibi_slopes)
-        dqkv = xp.empty((B, T, H + 2 * Hkv, D), dtype=dq.dtype)  # the gradient of the fused buffer
+        # The kernel writes dq, dk, dv straight into the fused buffer's gradient, and RoPE's
+        # backward (the opposite rotation) turns dq and dk there in place.
+        dqkv = xp.empty((B, T, H + 2 * Hkv, D), dtype=dout.dtype)
+        ops.attention_backward(dout, q, k, v, out, lse, causal=True, alibi_slopes=self.alibi_slopes,
+                               dq=dqkv[:, :, :H], dk=dqkv[:, :, H:H + Hkv], dv=dqkv[:, :, H + Hkv:])
         if self.rope is not None:
-            positions.rope_backward(dq, self.rope[:T], out=dqkv[:, :, :H])
-            positions.rope_backward(dk, self.rope[:T], out=dqkv[:, :, H:H + Hkv])
-        else:
-            dqkv[:, :, :H] = dq
-            dqkv[:, :, H:H + Hkv] = dk
-        dqkv[:, :, H + Hkv:] = dv
+            positions.rope_backward(dqkv[:, :, :H + Hkv], self.rope[:T], out=dqkv[:, :, :H + Hkv])
         return self.c_attn.backward(dqkv.reshape(B, T, (H + 2 * Hkv) * D))  # (B, T, C)
 
 

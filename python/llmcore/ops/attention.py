@@ -91,11 +91,33 @@ def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None):
     return mod.attention_forward(q, k, v, causal, scale, alibi_slopes)
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alibi_slopes=None):
+def _grad_out(name: str, given, shape, inputs):
+    """A writeable array of `shape` with a contiguous last axis (any other strides), overlapping
+    none of `inputs` (name -> array), for attention_backward to write a gradient into."""
+    given = chk.float_array(name, given, 4, contiguous=False)
+    chk.same_shape(name, given, shape)
+    if given.size and given.shape[3] > 1 and given.strides[3] != given.itemsize:
+        raise ValueError(f"{name}: the last axis (D) must be contiguous, got strides {given.strides}")
+    if any(st < 0 or st % given.itemsize for st in given.strides):
+        raise ValueError(f"{name}: strides must be non-negative whole float32 elements, got {given.strides}")
+    if not chk.is_cupy(given):
+        if not given.flags.writeable:
+            raise ValueError(f"{name}: written in place, so it must be writeable")
+        for other, a in inputs.items():
+            if a is not None and np.shares_memory(given, a):
+                raise ValueError(f"{name}: must not overlap {other}")
+    return given
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alibi_slopes=None,
+                       dq=None, dk=None, dv=None):
     """(dq, dk, dv) for out = attention(q, k, v, ...)[0], given dout and the forward's out, lse.
 
     GQA/MQA gradients are summed over the query heads that share a key/value head inside the
-    kernel; dk and dv have k's and v's shapes.
+    kernel; dk and dv have k's and v's shapes. Pass dq, dk and dv (together) to have the gradients
+    written into them: views with a contiguous last axis and any other strides, such as the q, k
+    and v slices of a fused QKV gradient (B, T, H + 2 Hkv, D), which then needs no copies. They
+    are returned as given.
     """
     q, k, v, causal, scale, alibi_slopes = _check_qkv(q, k, v, causal, scale, alibi_slopes)
     B, T, H, D = q.shape
@@ -105,9 +127,24 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alib
     chk.same_shape("out", out, q.shape, "q's shape (B, T, H, D)")
     lse = chk.float_array("lse", lse, 3)
     chk.same_shape("lse", lse, (B, H, T), "(B, H, T) from q's shape")
-    mod = chk.backend(dout, q, k, v, out, lse)
+    given = (dq, dk, dv)
+    if any(g is not None for g in given):
+        if any(g is None for g in given):
+            raise ValueError("dq, dk, dv: pass all three gradient outputs or none")
+        inputs = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+        dq = _grad_out("dq", dq, q.shape, inputs)
+        dk = _grad_out("dk", dk, k.shape, dict(inputs, dq=dq))
+        dv = _grad_out("dv", dv, v.shape, dict(inputs, dq=dq, dk=dk))
+    mod = chk.backend(*(a for a in (dout, q, k, v, out, lse, dq, dk, dv) if a is not None))
     if q.size == 0 or k.size == 0:  # no queries or no batch: every gradient is an empty sum
         xp = chk.array_module(q)
-        return (xp.zeros(q.shape, np.float32), xp.zeros(k.shape, np.float32),
-                xp.zeros(v.shape, np.float32))
-    return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
+        fresh = (xp.zeros(q.shape, np.float32), xp.zeros(k.shape, np.float32), xp.zeros(v.shape, np.float32))
+    elif dq is None or not chk.is_cupy(q):
+        return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, dq, dk, dv)
+    else:  # the CUDA core writes contiguous gradients: copy them into the given views
+        fresh = mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
+    if dq is None:
+        return fresh
+    for g, f in zip((dq, dk, dv), fresh):
+        g[...] = f
+    return dq, dk, dv

@@ -81,8 +81,15 @@ def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None):
     return out, lse.astype(q.dtype)
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alibi_slopes=None):
-    """(dq, dk, dv) for out = attention(q, k, v, ...)[0], given dout, out and lse."""
+def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alibi_slopes=None,
+                       dq=None, dk=None, dv=None):
+    """(dq, dk, dv) for out = attention(q, k, v, ...)[0], given dout, out and lse; written into
+    the given dq, dk, dv (all three) and returned as given when passed."""
+    if dq is not None:
+        for given, grad in zip((dq, dk, dv), attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
+                                                                alibi_slopes=alibi_slopes)):
+            given[...] = grad
+        return dq, dk, dv
     B, T, H, D, S, Hkv = _check(q, k, v, causal)
     G = H // Hkv
     scale = 1.0 / np.sqrt(D) if scale is None else scale
