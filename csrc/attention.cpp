@@ -258,6 +258,12 @@ inline void prefetch_rows(const float* row0, int64_t stride, int64_t n, int64_t 
     }
 }
 
+// Row (b, i, h) of a (B, L, heads, D) view with the given (batch, seq, head) strides.
+template <class T>
+inline T* row_at(T* base, const int64_t (&strides)[3], int64_t b, int64_t i, int64_t h) {
+    return base + b * strides[0] + i * strides[1] + h * strides[2];
+}
+
 // Everything a task needs to find its rows.
 struct Problem {
     const AttentionShape& s;
@@ -268,15 +274,9 @@ struct Problem {
     int64_t G;           // query heads per kv head
     int64_t off;         // key position of query 0: S - T
 
-    const float* q_row(int64_t b, int64_t i, int64_t h) const {
-        return q + b * s.q_strides[0] + i * s.q_strides[1] + h * s.q_strides[2];
-    }
-    const float* k_row(int64_t b, int64_t j, int64_t hk) const {
-        return k + b * s.k_strides[0] + j * s.k_strides[1] + hk * s.k_strides[2];
-    }
-    const float* v_row(int64_t b, int64_t j, int64_t hk) const {
-        return v + b * s.v_strides[0] + j * s.v_strides[1] + hk * s.v_strides[2];
-    }
+    const float* q_row(int64_t b, int64_t i, int64_t h) const { return row_at(q, s.q_strides, b, i, h); }
+    const float* k_row(int64_t b, int64_t j, int64_t hk) const { return row_at(k, s.k_strides, b, j, hk); }
+    const float* v_row(int64_t b, int64_t j, int64_t hk) const { return row_at(v, s.v_strides, b, j, hk); }
     float slope(int64_t h) const { return alibi ? alibi[h] : 0.0f; }
     // Keys [0, key_end) are visible to at least one query of rows [i0, i0 + n).
     int64_t key_end(int64_t i0, int64_t n) const {
@@ -498,15 +498,9 @@ struct Grads {
     float *dq, *dk, *dv;
     const float *dout, *lse, *delta;  // delta: (B, H, T), rowsum(dout * out)
 
-    float* dq_row(int64_t b, int64_t i, int64_t h) const {
-        return dq + b * s.dq_strides[0] + i * s.dq_strides[1] + h * s.dq_strides[2];
-    }
-    float* dk_row(int64_t b, int64_t j, int64_t hk) const {
-        return dk + b * s.dk_strides[0] + j * s.dk_strides[1] + hk * s.dk_strides[2];
-    }
-    float* dv_row(int64_t b, int64_t j, int64_t hk) const {
-        return dv + b * s.dv_strides[0] + j * s.dv_strides[1] + hk * s.dv_strides[2];
-    }
+    float* dq_row(int64_t b, int64_t i, int64_t h) const { return row_at(dq, s.dq_strides, b, i, h); }
+    float* dk_row(int64_t b, int64_t j, int64_t hk) const { return row_at(dk, s.dk_strides, b, j, hk); }
+    float* dv_row(int64_t b, int64_t j, int64_t hk) const { return row_at(dv, s.dv_strides, b, j, hk); }
 };
 
 // dK and dV of keys [j0, j0 + nk) of kv head hk (all G query heads, every query block that sees
@@ -721,7 +715,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
         for (int64_t b = 0; b < B; ++b)
             for (int64_t t = 0; t < T; ++t)
                 for (int64_t h = 0; h < H; ++h) {
-                    float* row = dq + b * shape.dq_strides[0] + t * shape.dq_strides[1] + h * shape.dq_strides[2];
+                    float* row = row_at(dq, shape.dq_strides, b, t, h);
                     std::fill(row, row + D, 0.0f);
                 }
         return;

@@ -91,15 +91,13 @@ inline void micro_kernel(int64_t kc, A a, const float* __restrict bp, float* __r
         const vfloat bias0 = load(ep.bias), bias1 = load(ep.bias + VEC);
         for (int r = 0; r < MR; ++r) { acc[r][0] += bias0; acc[r][1] += bias1; }
     }
-    if (ep.residual && mr == MR && nr == NR) {
-        for (int r = 0; r < MR; ++r) {
-            acc[r][0] += load(ep.residual + r * ldc);
-            acc[r][1] += load(ep.residual + r * ldc + VEC);
-        }
-    }
     if (mr == MR && nr == NR) {
         for (int r = 0; r < MR; ++r) {
             float* row = c + r * ldc;
+            if (ep.residual) {
+                acc[r][0] += load(ep.residual + r * ldc);
+                acc[r][1] += load(ep.residual + r * ldc + VEC);
+            }
             if (ep.add) {
                 store(row, load(row) + acc[r][0]);
                 store(row + VEC, load(row + VEC) + acc[r][1]);
@@ -310,11 +308,9 @@ void gemm_split_k(float* c, const float* a, const float* b, const float* bias, c
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t p = 0; p < pieces; ++p) {
         const int64_t k0 = p * kSplitK, kc = std::min(kSplitK, K - k0);
-        if (p == 0)
-            gemm_one(c, a, b, bias, residual, M, N, kc, true, false, accumulate, false);
-        else
-            gemm_one(partials + (p - 1) * M * N, a + k0 * M, b + k0 * N, nullptr, nullptr, M, N, kc,
-                     true, false, false, false);
+        const bool first = p == 0;
+        gemm_one(first ? c : partials + (p - 1) * M * N, a + k0 * M, b + k0 * N, first ? bias : nullptr,
+                 first ? residual : nullptr, M, N, kc, true, false, first && accumulate, false);
     }
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < M; ++i)
@@ -329,19 +325,18 @@ void gemm(float* c, const float* a, const float* b, const float* bias, const flo
     if (batch <= 0 || M <= 0 || N <= 0) return;
     if (batch == 1 && use_split_k(M, N, K, trans_a, trans_b))
         return gemm_split_k(c, a, b, bias, residual, M, N, K, accumulate);
+    auto product = [&](int64_t i, bool parallel) {
+        gemm_one(c + i * batch_stride_c, a + i * batch_stride_a, b + i * batch_stride_b, bias,
+                 residual ? residual + i * batch_stride_c : nullptr, M, N, K, trans_a, trans_b,
+                 accumulate, parallel);
+    };
     // Many small products: one whole GEMM per thread beats splitting each one.
     const bool per_thread = batch >= 2 * max_threads() || (batch > 1 && M * N * K < (int64_t)1 << 18);
     if (per_thread) {
 #pragma omp parallel for schedule(dynamic, 1)
-        for (int64_t i = 0; i < batch; ++i)
-            gemm_one(c + i * batch_stride_c, a + i * batch_stride_a, b + i * batch_stride_b, bias,
-                     residual ? residual + i * batch_stride_c : nullptr, M, N, K, trans_a, trans_b,
-                     accumulate, false);
+        for (int64_t i = 0; i < batch; ++i) product(i, false);
     } else {
-        for (int64_t i = 0; i < batch; ++i)
-            gemm_one(c + i * batch_stride_c, a + i * batch_stride_a, b + i * batch_stride_b, bias,
-                     residual ? residual + i * batch_stride_c : nullptr, M, N, K, trans_a, trans_b,
-                     accumulate, true);
+        for (int64_t i = 0; i < batch; ++i) product(i, true);
     }
 }
 

@@ -185,22 +185,21 @@ class Linear(Module):
         as the kernel writes the output; its gradient is dy itself, the caller's to route)."""
         self.x = x
         bias = None if self.bias is None else self.bias.data
-        if residual is None:
-            return self.be.ops.linear(x, self.weight.data, bias)
         return self.be.ops.linear(x, self.weight.data, bias, residual=residual)
 
     def backward(self, dy):
         weight, bias = self.weight, self.bias
         has_bias = bias is not None
-        if weight.grad_is_zero and (not has_bias or bias.grad_is_zero):
-            # The step's first gradient for these parameters: the kernel's fresh arrays become .grad.
-            dx, weight.grad, dbias = self.be.ops.linear_backward(dy, self.x, weight.data, has_bias=has_bias)
+        # The step's first gradient for these parameters: the kernel's fresh arrays become .grad.
+        # Otherwise the kernel adds into .grad (a tied weight's second use, gradient accumulation).
+        fresh = weight.grad_is_zero and (not has_bias or bias.grad_is_zero)
+        dx, dweight, dbias = self.be.ops.linear_backward(
+            dy, self.x, weight.data, has_bias=has_bias, dweight=None if fresh else weight.grad,
+            dbias=None if fresh or not has_bias else bias.grad)
+        if fresh:
+            weight.grad = dweight
             if has_bias:
                 bias.grad = dbias
-            return dx
-        # Otherwise the kernel adds into .grad (a tied weight's second use, gradient accumulation).
-        dx, _, _ = self.be.ops.linear_backward(dy, self.x, weight.data, has_bias=has_bias, dweight=weight.grad,
-                                               dbias=bias.grad if has_bias else None)
         return dx
 
 

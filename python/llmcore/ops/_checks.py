@@ -90,6 +90,20 @@ def optional_float_array(name: str, x, shape, what: str = ""):
     return x
 
 
+def with_residual(kernel, args, residual):
+    """kernel(*args, residual): the compiled CPU core adds the residual as it writes its output.
+    The CUDA core takes no residual argument, so on CuPy it is added to the result (the first
+    array of a tuple) afterwards."""
+    if residual is None:
+        return kernel(*args)
+    if not is_cupy(residual):
+        return kernel(*args, residual)
+    result = kernel(*args)
+    first = result[0] if isinstance(result, tuple) else result
+    first += residual
+    return result
+
+
 def nonempty_last_axis(name: str, x) -> None:
     if x.shape[-1] == 0:
         raise ValueError(f"{name}: the last axis is reduced over, so it must not be empty (shape {x.shape})")

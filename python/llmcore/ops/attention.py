@@ -18,6 +18,16 @@ import numpy as np
 from . import _checks as chk
 
 
+def _check_row_layout(name: str, x, hint: str = "") -> None:
+    """What the kernels need of a non-empty (B, L, heads, D) view: a contiguous last axis and
+    strides in whole float32 elements."""
+    if x.shape[3] > 1 and x.strides[3] != x.itemsize:
+        raise ValueError(f"{name}: the last axis (D) must be contiguous, got strides {x.strides} for shape "
+                         f"{x.shape}{hint}")
+    if any(st % x.itemsize for st in x.strides):
+        raise ValueError(f"{name}: strides must be whole float32 elements, got {x.strides}")
+
+
 def _head_view(name: str, x):
     """A float32 (B, L, heads, D) array whose last axis is contiguous, returned as is (no copy)."""
     x = chk.float_array(name, x, 4, contiguous=False)
@@ -25,12 +35,7 @@ def _head_view(name: str, x):
         return x
     if any(st < 0 for st in x.strides):  # a reversed view: the kernels walk memory forwards
         x = x.copy()
-    if x.shape[3] > 1 and x.strides[3] != x.itemsize:
-        raise ValueError(
-            f"{name}: the last axis (D) must be contiguous, got strides {x.strides} for shape "
-            f"{x.shape}; pass np.ascontiguousarray({name}) or a view that keeps D contiguous")
-    if any(st % x.itemsize for st in x.strides):
-        raise ValueError(f"{name}: strides must be whole float32 elements, got {x.strides}")
+    _check_row_layout(name, x, f"; pass np.ascontiguousarray({name}) or a view that keeps D contiguous")
     if not chk.is_cupy(x) and not x.flags.aligned:  # a view at an odd byte offset: the kernel reads whole floats
         x = x.copy()
     return x
@@ -96,10 +101,10 @@ def _grad_out(name: str, given, shape, inputs):
     none of `inputs` (name -> array), for attention_backward to write a gradient into."""
     given = chk.float_array(name, given, 4, contiguous=False)
     chk.same_shape(name, given, shape)
-    if given.size and given.shape[3] > 1 and given.strides[3] != given.itemsize:
-        raise ValueError(f"{name}: the last axis (D) must be contiguous, got strides {given.strides}")
-    if any(st < 0 or st % given.itemsize for st in given.strides):
-        raise ValueError(f"{name}: strides must be non-negative whole float32 elements, got {given.strides}")
+    if given.size:
+        if any(st < 0 for st in given.strides):
+            raise ValueError(f"{name}: written in place, so its strides must be non-negative, got {given.strides}")
+        _check_row_layout(name, given)
     if not chk.is_cupy(given):
         if not given.flags.writeable:
             raise ValueError(f"{name}: written in place, so it must be writeable")
@@ -139,12 +144,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alib
     if q.size == 0 or k.size == 0:  # no queries or no batch: every gradient is an empty sum
         xp = chk.array_module(q)
         fresh = (xp.zeros(q.shape, np.float32), xp.zeros(k.shape, np.float32), xp.zeros(v.shape, np.float32))
-    elif dq is None or not chk.is_cupy(q):
-        return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, dq, dk, dv)
-    else:  # the CUDA core writes contiguous gradients: copy them into the given views
+        if dq is None:
+            return fresh
+    elif dq is not None and chk.is_cupy(q):  # the CUDA core writes contiguous gradients: copied below
         fresh = mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
-    if dq is None:
-        return fresh
+    else:  # the CPU core writes into dq, dk, dv when given
+        return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, dq, dk, dv)
     for g, f in zip((dq, dk, dv), fresh):
         g[...] = f
     return dq, dk, dv

@@ -38,10 +38,4 @@ def layernorm_backward(dy, x, weight, mean, rstd, residual=None):
     chk.same_shape("rstd", rstd, x.shape[:-1], "x's shape without its last axis")
     residual = chk.optional_float_array("residual", residual, x.shape, "x's shape")
     mod = chk.backend(*(a for a in (dy, x, weight, mean, rstd, residual) if a is not None))
-    if residual is None:
-        return mod.layernorm_backward(dy, x, weight, mean, rstd)
-    if chk.is_cupy(x):  # the CUDA core takes no residual: add it here
-        dx, dweight, dbias = mod.layernorm_backward(dy, x, weight, mean, rstd)
-        dx += residual
-        return dx, dweight, dbias
-    return mod.layernorm_backward(dy, x, weight, mean, rstd, residual)
+    return chk.with_residual(mod.layernorm_backward, (dy, x, weight, mean, rstd), residual)

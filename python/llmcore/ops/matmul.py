@@ -50,13 +50,7 @@ def linear(x, weight, bias=None, residual=None):
     out_shape = x.shape[:-1] + (weight.shape[0],)
     residual = chk.optional_float_array("residual", residual, out_shape, "the output's shape")
     mod = chk.backend(*(a for a in (x, weight, bias, residual) if a is not None))
-    if residual is None:
-        return mod.linear(x, weight, bias)
-    if chk.is_cupy(x):  # the CUDA core has no residual epilogue: add it here
-        y = mod.linear(x, weight, bias)
-        y += residual
-        return y
-    return mod.linear(x, weight, bias, residual)
+    return chk.with_residual(mod.linear, (x, weight, bias), residual)
 
 
 def linear_backward(dy, x, weight, *, has_bias: bool = False, dweight=None, dbias=None):

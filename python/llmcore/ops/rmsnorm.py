@@ -32,10 +32,4 @@ def rmsnorm_backward(dy, x, weight, rstd, residual=None):
     chk.same_shape("rstd", rstd, x.shape[:-1], "x's shape without its last axis")
     residual = chk.optional_float_array("residual", residual, x.shape, "x's shape")
     mod = chk.backend(*(a for a in (dy, x, weight, rstd, residual) if a is not None))
-    if residual is None:
-        return mod.rmsnorm_backward(dy, x, weight, rstd)
-    if chk.is_cupy(x):  # the CUDA core takes no residual: add it here
-        dx, dweight = mod.rmsnorm_backward(dy, x, weight, rstd)
-        dx += residual
-        return dx, dweight
-    return mod.rmsnorm_backward(dy, x, weight, rstd, residual)
+    return chk.with_residual(mod.rmsnorm_backward, (dy, x, weight, rstd), residual)
