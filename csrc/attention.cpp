@@ -258,6 +258,14 @@ inline void prefetch_rows(const float* row0, int64_t stride, int64_t n, int64_t 
     }
 }
 
+// dst[0..n) = src[0..n) for a short row (one head's D floats), in vector moves inline: std::copy
+// made a library memmove call per 256-byte row, 20% of the backward at B16 H4 T128 D64 (perf).
+inline void copy_row(float* __restrict dst, const float* __restrict src, int64_t n) {
+    int64_t i = 0;
+    for (; i + VEC <= n; i += VEC) store(dst + i, load(src + i));
+    for (; i < n; ++i) dst[i] = src[i];
+}
+
 // Row (b, i, h) of a (B, L, heads, D) view with the given (batch, seq, head) strides.
 template <class T>
 inline T* row_at(T* base, const int64_t (&strides)[3], int64_t b, int64_t i, int64_t h) {
@@ -533,8 +541,8 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
     // rows x D floats (row i at src + i*stride) -> dst (rows x Dp), zero lanes past D.
     auto copy_rows = [D, Dp](float* dst, const float* src, int64_t stride, int64_t rows) {
         for (int64_t i = 0; i < rows; ++i) {
-            std::copy(src + i * stride, src + i * stride + D, dst + i * Dp);
-            std::fill(dst + i * Dp + D, dst + (i + 1) * Dp, 0.0f);
+            copy_row(dst + i * Dp, src + i * stride, D);
+            for (int64_t d = D; d < Dp; ++d) dst[i * Dp + d] = 0.0f;
         }
     };
     const float* kb = P.k_row(b, j0, hk);
@@ -595,7 +603,7 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
                     if (add) copy_rows(dqpad, dqp, dqs, nq);  // (an overwrite writes every lane)
                     tile_gemm(dqpad, Dp, dsb, kl, 1, kpad, Dp, nq, nk, Dp, add, nullptr, steps);
                     for (int64_t i = 0; i < nq; ++i)
-                        std::copy(dqpad + i * Dp, dqpad + i * Dp + D, dqp + i * dqs);
+                        copy_row(dqp + i * dqs, dqpad + i * Dp, D);
                 }
             }
         }
@@ -607,8 +615,8 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             std::fill(dkr, dkr + D, 0.0f);
             std::fill(dvr, dvr + D, 0.0f);
         } else {
-            std::copy(dkb + j * Dp, dkb + j * Dp + D, dkr);
-            std::copy(dvb + j * Dp, dvb + j * Dp + D, dvr);
+            copy_row(dkr, dkb + j * Dp, D);
+            copy_row(dvr, dvb + j * Dp, D);
         }
     }
 }
@@ -725,16 +733,19 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     // delta (B, H, T) = rowsum(dout * out): the softmax backward's per-row term, once per row.
     AlignedBuffer delta_buf;
     float* delta = delta_buf.get(std::max<int64_t>(1, B * H * T));
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < B * T * H; ++r) {  // r = (b, t, h), the row order of dout and out
-        const float* a = dout + r * D;
-        const float* o = out + r * D;
-        float sum = 0.0f;
+    // (Loops over b, t, h rather than one flat row index: three integer divisions per 64-float
+    // row to recover them cost ~8% of the backward at B16 H4 T128 D64, perf.)
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < H; ++h) {  // (b, t, h): the row order of dout and out
+                const float* a = dout + ((b * T + t) * H + h) * D;
+                const float* o = out + ((b * T + t) * H + h) * D;
+                float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t d = 0; d < D; ++d) sum += a[d] * o[d];
-        const int64_t b = r / (T * H), t = r / H % T, h = r % H;
-        delta[(b * H + h) * T + t] = sum;
-    }
+                for (int64_t d = 0; d < D; ++d) sum += a[d] * o[d];
+                delta[(b * H + h) * T + t] = sum;
+            }
     const Grads g{shape, dq, dk, dv, dout, lse, delta};
 
     const int64_t nkb = ceil_div(S, BK), nqb = ceil_div(T, BQ), pairs = B * Hkv;
