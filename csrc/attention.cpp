@@ -281,11 +281,27 @@ struct Problem {
     const float* alibi;  // (H,) or null
     int64_t G;           // query heads per kv head
     int64_t off;         // key position of query 0: S - T
+    const float* rot;    // (S, D/2) RoPE (cos, sin) by position, or null
 
     const float* q_row(int64_t b, int64_t i, int64_t h) const { return row_at(q, s.q_strides, b, i, h); }
     const float* k_row(int64_t b, int64_t j, int64_t hk) const { return row_at(k, s.k_strides, b, j, hk); }
     const float* v_row(int64_t b, int64_t j, int64_t hk) const { return row_at(v, s.v_strides, b, j, hk); }
     float slope(int64_t h) const { return alibi ? alibi[h] : 0.0f; }
+    // n rows of D floats (row i at src + i*stride, at position pos0 + i) into dst (row stride ld):
+    // rotated by RoPE (sign -1: rotated back, the backward) when the problem has a table, else
+    // copied. Lanes D..ld of each row are zeroed when zero_pad.
+    void load_rows(float* dst, int64_t ld, const float* src, int64_t stride, int64_t n, int64_t pos0,
+                   float sign = 1.0f, bool zero_pad = false) const {
+        const int64_t D = s.D;
+        for (int64_t i = 0; i < n; ++i) {
+            if (rot)
+                rope_row(dst + i * ld, src + i * stride, rot + (pos0 + i) * D, D / 2, sign);
+            else
+                copy_row(dst + i * ld, src + i * stride, D);
+            if (zero_pad)
+                for (int64_t d = D; d < ld; ++d) dst[i * ld + d] = 0.0f;
+        }
+    }
     // Keys [0, key_end) are visible to at least one query of rows [i0, i0 + n).
     int64_t key_end(int64_t i0, int64_t n) const {
         return causal ? std::min(s.S, off + i0 + n) : s.S;
@@ -325,6 +341,8 @@ void forward_block(float* out, float* lse, const Problem& P, int64_t b, int64_t 
     float* qt = scratch;      // (D, W)  Q^T
     float* ot = qt + D * BQ;  // (D, W)  O^T, unnormalised
     float* st = ot + D * BQ;  // (BK, W) scores, then probabilities
+    float* qrot = st + BK * BQ;  // (nq, D) rotated Q rows (RoPE only)
+    float* krot = qrot + BQ * D;  // (nk, D) rotated K rows of the current block (RoPE only)
     // m: running max; mu: the reference the exponentials use, m except while a row has seen only
     // -inf (then 0, so that exp(-inf - mu) = 0, not NaN); l: running sum of exp(score - mu).
     alignas(64) float m[BQ], mu[BQ], l[BQ], alpha[BQ], mx[BQ], lsum[BQ];
@@ -339,7 +357,13 @@ void forward_block(float* out, float* lse, const Problem& P, int64_t b, int64_t 
     prefetch_rows<Prefetch::kWrite>(out_rows, s.H * D, nq, D);
     prefetch_rows<Prefetch::kReadL2>(P.k_row(b, 0, hk), s.k_strides[1], kend, D);
     prefetch_rows<Prefetch::kReadL2>(P.v_row(b, 0, hk), s.v_strides[1], kend, D);
-    transpose_in(qt, W, P.q_row(b, i0, h), s.q_strides[1], nq, D);
+    const float* qrows = P.q_row(b, i0, h);
+    int64_t qstride = s.q_strides[1];
+    if (P.rot) {
+        P.load_rows(qrot, D, qrows, qstride, nq, p0);
+        qrows = qrot, qstride = D;
+    }
+    transpose_in(qt, W, qrows, qstride, nq, D);
     std::fill(m, m + W, -INFINITY);
     std::fill(mu, mu + W, 0.0f);
     std::fill(l, l + W, 0.0f);
@@ -348,8 +372,15 @@ void forward_block(float* out, float* lse, const Problem& P, int64_t b, int64_t 
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
         const int64_t nk = std::min(BK, kend - j0);
         const bool mask = P.causal && j0 + nk - 1 > p0;  // the tile crosses the diagonal
-        // St (nk x W) = K Qt, on a diagonal tile only where key j0 + j <= query p0 + i
-        tile_gemm(st, W, P.k_row(b, j0, hk), s.k_strides[1], 1, qt, W, nk, D, W, false, nullptr,
+        // St (nk x W) = K Qt, on a diagonal tile only where key j0 + j <= query p0 + i. K is read
+        // in place, or from a rotated copy of the block with RoPE.
+        const float* krows = P.k_row(b, j0, hk);
+        int64_t kstride = s.k_strides[1];
+        if (P.rot) {
+            P.load_rows(krot, D, krows, kstride, nk, j0);
+            krows = krot, kstride = D;
+        }
+        tile_gemm(st, W, krows, kstride, 1, qt, W, nk, D, W, false, nullptr,
                   mask ? Band{Band::kLanesFrom, p0 - j0} : Band{});
 
         // Scale, ALiBi and the causal mask (only on tiles that cross the diagonal), fused with
@@ -466,27 +497,38 @@ void row_update(RowState& r, const float* qr, const float* kb, int64_t ks, const
     }
 }
 
-// All T query rows of heads [h0, h1), which share kv head hk. scratch: (h1 - h0) * T * D floats.
+// All T query rows of heads [h0, h1), which share kv head hk. scratch: forward_rows_scratch
+// floats: the rows' outputs, and with RoPE their rotated queries and one rotated block of keys.
+int64_t forward_rows_scratch(int64_t rows, int64_t D) { return (2 * rows + BK) * D; }
 void forward_rows(float* out, float* lse, const Problem& P, int64_t b, int64_t hk, int64_t h0,
                   int64_t h1, float* scratch) {
     const AttentionShape& s = P.s;
     const int64_t D = s.D, T = s.T, R = (h1 - h0) * T;  // row r: head h0 + r / T, query r % T
+    float* qrot = scratch + R * D;                      // (R, D) rotated queries (RoPE only)
+    float* krot = qrot + R * D;                         // (BK, D) rotated keys (RoPE only)
     RowState rows[LLMCORE_VEC / 2 * 64];               // R <= G * T < 64 * VEC/2 (G <= 64 below)
     for (int64_t r = 0; r < R; ++r) {
         rows[r] = RowState{-INFINITY, 0.0f, 0.0f, scratch + r * D};
         std::fill(rows[r].o, rows[r].o + D, 0.0f);
+        if (P.rot) P.load_rows(qrot + r * D, D, P.q_row(b, r % T, h0 + r / T), 0, 1, P.off + r % T);
     }
     const int64_t kend = P.key_end(0, T);
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
         const float* kb = P.k_row(b, j0, hk);
+        int64_t ks = s.k_strides[1];
+        if (P.rot) {  // the block's keys rotated once, for every row of the task
+            P.load_rows(krot, D, kb, ks, std::min(BK, kend - j0), j0);
+            kb = krot, ks = D;
+        }
         const float* vb = P.v_row(b, j0, hk);
         for (int64_t r = 0; r < R; ++r) {
             const int64_t h = h0 + r / T, i = r % T;
             // Each row stops at its own causal diagonal: no mask needed.
             const int64_t nk = std::min(BK, P.key_end(i, 1) - j0);
+            const float* qr = P.rot ? qrot + r * D : P.q_row(b, i, h);
             if (nk > 0)
-                row_update(rows[r], P.q_row(b, i, h), kb, s.k_strides[1], vb, s.v_strides[1], D, nk,
-                           P.scale, P.slope(h), (float)(P.off + i - j0));
+                row_update(rows[r], qr, kb, ks, vb, s.v_strides[1], D, nk, P.scale, P.slope(h),
+                           (float)(P.off + i - j0));
         }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -546,9 +588,14 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
         }
     };
     const float* kb = P.k_row(b, j0, hk);
-    transpose_in(kt, kl, kb, ks, nk, D);
+    if (P.rot) {  // K^T from the rotated rows
+        P.load_rows(kpad, Dp, kb, ks, nk, j0, 1.0f, true);
+        transpose_in(kt, kl, kpad, Dp, nk, D);
+    } else {
+        transpose_in(kt, kl, kb, ks, nk, D);
+        if (with_dq) copy_rows(kpad, kb, ks, nk);
+    }
     transpose_in(vt, kl, P.v_row(b, j0, hk), s.v_strides[1], nk, D);
-    if (with_dq) copy_rows(kpad, kb, ks, nk);
 
     // The first query that sees key j0 is j0 - off; earlier query blocks are skipped.
     const int64_t i_first = P.causal ? std::max<int64_t>(0, j0 - P.off) : 0;
@@ -559,7 +606,7 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             const int64_t nq = std::min(BQ, T - i0), p0 = P.off + i0;
             const float* lp = g.lse + (b * H + h) * T + i0;
             const float* dlp = g.delta + (b * H + h) * T + i0;
-            copy_rows(qc, P.q_row(b, i0, h), qs, nq);
+            P.load_rows(qc, Dp, P.q_row(b, i0, h), qs, nq, p0, 1.0f, true);
             copy_rows(dc, g.dout + ((b * T + i0) * H + h) * D, HD, nq);
 
             // S (nq x kl) = Q Kt and dP (nq x kl) = dO Vt; then in one pass over both tiles
@@ -615,7 +662,7 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             std::fill(dkr, dkr + D, 0.0f);
             std::fill(dvr, dvr + D, 0.0f);
         } else {
-            copy_row(dkr, dkb + j * Dp, D);
+            P.load_rows(dkr, D, dkb + j * Dp, Dp, 1, j0 + j, -1.0f);  // (rotated back with RoPE)
             copy_row(dvr, dvb + j * Dp, D);
         }
     }
@@ -626,16 +673,24 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
 void dq_block(const Problem& P, const Grads& g, int64_t b, int64_t h, int64_t i0, float* scratch) {
     const AttentionShape& s = P.s;
     const int64_t D = s.D, T = s.T, H = s.H, nq = std::min(BQ, T - i0), W = round_up(nq, VEC);
-    const int64_t hk = h / P.G, p0 = P.off + i0, ks = s.k_strides[1];
+    const int64_t hk = h / P.G, p0 = P.off + i0;
     const float slope = P.slope(h), scale = P.scale;
     float* qt = scratch;        // (D, W)  Q^T
     float* dot = qt + D * BQ;   // (D, W)  dout^T
     float* dqt = dot + D * BQ;  // (D, W)  dq^T accumulator
     float* st = dqt + D * BQ;   // (BK, W) scores
     float* dst = st + BK * BQ;  // (BK, W) dP, then dS
+    float* qrot = dst + BK * BQ;  // (nq, D) rotated Q rows (RoPE only)
+    float* krot = qrot + BQ * D;  // (nk, D) rotated K rows of the current block (RoPE only)
     alignas(64) float lv[BQ] = {}, dlv[BQ] = {};  // lse and delta; zero on padding lanes
 
-    transpose_in(qt, W, P.q_row(b, i0, h), s.q_strides[1], nq, D);
+    const float* qrows = P.q_row(b, i0, h);
+    int64_t qstride = s.q_strides[1];
+    if (P.rot) {
+        P.load_rows(qrot, D, qrows, qstride, nq, p0);
+        qrows = qrot, qstride = D;
+    }
+    transpose_in(qt, W, qrows, qstride, nq, D);
     transpose_in(dot, W, g.dout + ((b * T + i0) * H + h) * D, H * D, nq, D);
     std::fill(dqt, dqt + D * W, 0.0f);
     std::copy(g.lse + (b * H + h) * T + i0, g.lse + (b * H + h) * T + i0 + nq, lv);
@@ -645,6 +700,11 @@ void dq_block(const Problem& P, const Grads& g, int64_t b, int64_t h, int64_t i0
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
         const int64_t nk = std::min(BK, kend - j0);
         const float* kb = P.k_row(b, j0, hk);
+        int64_t ks = s.k_strides[1];
+        if (P.rot) {
+            P.load_rows(krot, D, kb, ks, nk, j0);
+            kb = krot, ks = D;
+        }
         tile_gemm(st, W, kb, ks, 1, qt, W, nk, D, W, false);
         tile_gemm(dst, W, P.v_row(b, j0, hk), s.v_strides[1], 1, dot, W, nk, D, W, false);
         const bool mask = P.causal && j0 + nk - 1 > p0;
@@ -662,13 +722,14 @@ void dq_block(const Problem& P, const Grads& g, int64_t b, int64_t h, int64_t i0
         tile_gemm(dqt, W, kb, 1, ks, dst, W, D, nk, W, true);
     }
     transpose_out(g.dq_row(b, i0, h), s.dq_strides[1], dqt, W, nq, D, nullptr);
+    if (P.rot) P.load_rows(g.dq_row(b, i0, h), s.dq_strides[1], g.dq_row(b, i0, h), s.dq_strides[1], nq, p0, -1.0f);
 }
 
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        const AttentionShape& shape, bool causal, float scale,
-                       const float* alibi_slopes) {
+                       const float* alibi_slopes, const float* rope) {
     const int64_t B = shape.B, T = shape.T, S = shape.S, H = shape.H, D = shape.D;
     if (B == 0 || T == 0 || H == 0 || shape.Hkv == 0) return;
     if (S == 0) {  // no keys: an empty sum (the Python layer rejects this case)
@@ -676,7 +737,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         std::fill(lse, lse + B * H * T, -INFINITY);
         return;
     }
-    const Problem P{shape, q, k, v, causal, scale, alibi_slopes, H / shape.Hkv, S - T};
+    const Problem P{shape, q, k, v, causal, scale, alibi_slopes, H / shape.Hkv, S - T, rope};
 
     if (2 * T < VEC) {
         // Decoding: a task per (batch, kv head, chunk of its query heads). Chunks of at most 64
@@ -686,7 +747,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         const int64_t per_chunk = ceil_div(G, chunks);
 #pragma omp parallel
         {
-            float* scratch = tls_scratch.get(per_chunk * T * D);
+            float* scratch = tls_scratch.get(forward_rows_scratch(per_chunk * T, D));
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < pairs * chunks; ++t) {
                 const int64_t b = t / (shape.Hkv * chunks), hk = t / chunks % shape.Hkv;
@@ -700,7 +761,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
     const int64_t nqb = ceil_div(T, BQ), BH = B * H;
 #pragma omp parallel
     {
-        float* scratch = tls_scratch.get(2 * D * BQ + BK * BQ);
+        float* scratch = tls_scratch.get(2 * D * BQ + BK * BQ + (BQ + BK) * D);
         // One head's query blocks one after another, so that its K and V (256 KiB at T = 512,
         // D = 64) are read from L2 by every block after the first (head-minor order: 4% slower
         // at B=4 H=8 T=512). Within a head the last blocks, which see the most keys (causal),
@@ -716,7 +777,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
                         const float* k, const float* v, const float* out, const float* lse,
                         const AttentionShape& shape, bool causal, float scale,
-                        const float* alibi_slopes) {
+                        const float* alibi_slopes, const float* rope) {
     const int64_t B = shape.B, T = shape.T, S = shape.S, H = shape.H, Hkv = shape.Hkv, D = shape.D;
     if (B == 0 || Hkv == 0) return;
     if (S == 0) {  // no keys: every gradient is an empty sum (the Python layer rejects this case)
@@ -728,7 +789,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                 }
         return;
     }
-    const Problem P{shape, q, k, v, causal, scale, alibi_slopes, H / Hkv, S - T};
+    const Problem P{shape, q, k, v, causal, scale, alibi_slopes, H / Hkv, S - T, rope};
 
     // delta (B, H, T) = rowsum(dout * out): the softmax backward's per-row term, once per row.
     AlignedBuffer delta_buf;
@@ -764,13 +825,17 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                 const int64_t b = t / Hkv, hk = t % Hkv;
                 // Key block 0 writes this pair's dq rows (every query sees key 0), the rest add.
                 for (int64_t kb = 0; kb < nkb; ++kb) kv_block(P, g, b, hk, kb * BK, true, scratch);
+                if (rope)  // the pair's finished dq rows, rotated back while they are in cache
+                    for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h)
+                        P.load_rows(g.dq_row(b, 0, h), shape.dq_strides[1], g.dq_row(b, 0, h),
+                                    shape.dq_strides[1], T, P.off, -1.0f);
             }
         }
         return;
     }
 #pragma omp parallel
     {
-        float* scratch = tls_scratch.get(std::max(scratch_floats, 3 * D * BQ + 2 * BK * BQ));
+        float* scratch = tls_scratch.get(std::max(scratch_floats, 3 * D * BQ + 2 * BK * BQ + (BQ + BK) * D));
         // Causal: the first key blocks are seen by the most queries; the last query blocks see
         // the most keys. Both loops hand out their heaviest tasks first.
 #pragma omp for schedule(dynamic, 1)

@@ -530,6 +530,16 @@ const float* alibi_ptr(const std::optional<py::array>& slopes, int64_t H) {
     return p;
 }
 
+// RoPE's table for attention: (S, D/2) complex64, C-contiguous, D even; read as (cos, sin) floats.
+const float* rope_ptr(const std::optional<py::array>& rope, const llmcore::AttentionShape& s) {
+    if (!rope) return nullptr;
+    if (s.D % 2) fail("rope: RoPE rotates pairs, so the head dimension D must be even, got " + std::to_string(s.D));
+    require_dtype(*rope, "rope", py::dtype("complex64"), "complex64");
+    if (!(rope->flags() & py::array::c_style)) fail("rope: expected a C-contiguous array");
+    require_shape(*rope, "rope", {(py::ssize_t)s.S, (py::ssize_t)(s.D / 2)});
+    return static_cast<const float*>(rope->data());
+}
+
 void require_causal_fits(bool causal, const llmcore::AttentionShape& s) {
     if (causal && s.S < s.T)
         fail("k: causal attention needs at least as many keys as queries (S=" + std::to_string(s.S) +
@@ -537,17 +547,19 @@ void require_causal_fits(bool causal, const llmcore::AttentionShape& s) {
 }
 
 py::tuple attention_forward(const py::array& q, const py::array& k, const py::array& v, bool causal,
-                            float scale, std::optional<py::array> alibi_slopes) {
+                            float scale, std::optional<py::array> alibi_slopes,
+                            std::optional<py::array> rope) {
     const float *pq, *pk, *pv;
     auto s = attention_shape(q, k, v, &pq, &pk, &pv);
     require_causal_fits(causal, s);
     const float* pa = alibi_ptr(alibi_slopes, s.H);
+    const float* pr = rope_ptr(rope, s);
     auto out = empty_f32(shape_of(q));
     auto lse = empty_f32({(py::ssize_t)s.B, (py::ssize_t)s.H, (py::ssize_t)s.T});
     float *po = ptr(out), *pl = ptr(lse);
     {
         py::gil_scoped_release nogil;
-        if (out.size() > 0) kernels().attention_forward(po, pl, pq, pk, pv, s, causal, scale, pa);
+        if (out.size() > 0) kernels().attention_forward(po, pl, pq, pk, pv, s, causal, scale, pa, pr);
     }
     return py::make_tuple(out, lse);
 }
@@ -573,7 +585,7 @@ py::tuple attention_backward(const py::array& dout, const py::array& q, const py
                              const py::array& v, const py::array& out, const py::array& lse,
                              bool causal, float scale, std::optional<py::array> alibi_slopes,
                              std::optional<py::array> dq_out, std::optional<py::array> dk_out,
-                             std::optional<py::array> dv_out) {
+                             std::optional<py::array> dv_out, std::optional<py::array> rope) {
     const float *pq, *pk, *pv;
     auto s = attention_shape(q, k, v, &pq, &pk, &pv);
     require_causal_fits(causal, s);
@@ -584,6 +596,7 @@ py::tuple attention_backward(const py::array& dout, const py::array& q, const py
     require_shape(out, "out", shape_of(q));
     require_shape(lse, "lse", {(py::ssize_t)s.B, (py::ssize_t)s.H, (py::ssize_t)s.T});
     const float* pa = alibi_ptr(alibi_slopes, s.H);
+    const float* pr = rope_ptr(rope, s);
     py::array dq, dk, dv;
     float* pdq = grad_out(dq_out, dq, "dq", shape_of(q), s.dq_strides);
     float* pdk = grad_out(dk_out, dk, "dk", shape_of(k), s.dk_strides);
@@ -591,7 +604,7 @@ py::tuple attention_backward(const py::array& dout, const py::array& q, const py
     {
         py::gil_scoped_release nogil;
         if (dq.size() + dk.size() > 0)
-            kernels().attention_backward(pdq, pdk, pdv, pdo, pq, pk, pv, po, pl, s, causal, scale, pa);
+            kernels().attention_backward(pdq, pdk, pdv, pdo, pq, pk, pv, po, pl, s, causal, scale, pa, pr);
     }
     return py::make_tuple(dq, dk, dv);
 }
@@ -682,10 +695,11 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("adamw_step", &adamw_step, py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"),
           py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
     m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("causal"),
-          py::arg("scale"), py::arg("alibi_slopes") = py::none());
+          py::arg("scale"), py::arg("alibi_slopes") = py::none(), py::arg("rope") = py::none());
     m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("out"), py::arg("lse"), py::arg("causal"), py::arg("scale"), py::arg("alibi_slopes") = py::none(),
-          py::arg("dq") = py::none(), py::arg("dk") = py::none(), py::arg("dv") = py::none());
+          py::arg("dq") = py::none(), py::arg("dk") = py::none(), py::arg("dv") = py::none(),
+          py::arg("rope") = py::none());
 
     m.def("rope", &rope, py::arg("x"), py::arg("rot"), py::arg("out"), py::arg("conjugate"));
 

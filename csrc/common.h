@@ -53,6 +53,20 @@ inline void add_row(float* __restrict dst, const float* __restrict src, int64_t 
     for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
+// RoPE of one row of D = 2 * pairs floats: out pair i = x pair i * (rot[2i] + i sign rot[2i+1]),
+// pairs read as complex numbers, rot the row of (cos, sin) of the row's position; sign -1 is the
+// inverse rotation (the backward). out may be x itself. Used by rope.cpp and by attention, which
+// rotates q and k as it reads them.
+inline void rope_row(float* out, const float* x, const float* rot, int64_t pairs, float sign) {
+#pragma omp simd
+    for (int64_t i = 0; i < pairs; ++i) {
+        const float c = rot[2 * i], sn = sign * rot[2 * i + 1];
+        const float re = x[2 * i], im = x[2 * i + 1];
+        out[2 * i] = re * c - im * sn;
+        out[2 * i + 1] = re * sn + im * c;
+    }
+}
+
 inline int max_threads() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -71,8 +71,11 @@ using AdamwStepFn = void(float* param, float* m, float* v, const float* grad, in
 // Attention over q (B,T,H,D), k and v (B,S,Hkv,D) with arbitrary strides on every axis but the
 // last (a view into a fused QKV buffer needs no copy). Strides are in elements, ordered
 // (batch, seq, head). out (B,T,H,D) and lse (B,H,T) are contiguous. With causal and S > T, query
-// i sits at key position S - T + i. alibi_slopes is null or (H,). The backward writes dq, dk and
-// dv through their own strides (views into one fused gradient buffer need no copy afterwards).
+// i sits at key position S - T + i. alibi_slopes is null or (H,). rope is null or (S, D/2)
+// interleaved (cos, sin), D even: q and k are then rotated by their positions (RoPE) as the
+// kernels read them, and the backward returns dq and dk for the unrotated q and k. The backward
+// writes dq, dk and dv through their own strides (views into one fused gradient buffer need no
+// copy afterwards).
 struct AttentionShape {
     int64_t B, T, S, H, Hkv, D;
     int64_t q_strides[3], k_strides[3], v_strides[3];
@@ -80,13 +83,13 @@ struct AttentionShape {
 };
 using AttentionForwardFn = void(float* out, float* lse, const float* q, const float* k,
                                 const float* v, const AttentionShape& shape, bool causal,
-                                float scale, const float* alibi_slopes);
+                                float scale, const float* alibi_slopes, const float* rope);
 // dout and out are contiguous (B,T,H,D); dq (B,T,H,D), dk and dv (B,S,Hkv,D) are fully
 // overwritten, through shape.dq/dk/dv_strides, and overlap neither each other nor the inputs.
 using AttentionBackwardFn = void(float* dq, float* dk, float* dv, const float* dout,
                                  const float* q, const float* k, const float* v, const float* out,
                                  const float* lse, const AttentionShape& shape, bool causal,
-                                 float scale, const float* alibi_slopes);
+                                 float scale, const float* alibi_slopes, const float* rope);
 
 // RoPE over x (B, T, H, D), D even: each pair (x[2i], x[2i+1]) of position t, read as a complex
 // number, is multiplied by rot[t][i] (rot (T, D/2) of interleaved (cos, sin)), or by its conjugate.

@@ -19,13 +19,7 @@ void rope(float* out, const float* x, const float* rot, const RopeShape& s, bool
             for (int64_t h = 0; h < s.H; ++h) {
                 const float* xr = x + b * s.x_strides[0] + t * s.x_strides[1] + h * s.x_strides[2];
                 float* orow = out + b * s.out_strides[0] + t * s.out_strides[1] + h * s.out_strides[2];
-#pragma omp simd
-                for (int64_t i = 0; i < pairs; ++i) {
-                    const float c = r[2 * i], sn = sign * r[2 * i + 1];
-                    const float re = xr[2 * i], im = xr[2 * i + 1];
-                    orow[2 * i] = re * c - im * sn;
-                    orow[2 * i + 1] = re * sn + im * c;
-                }
+                rope_row(orow, xr, r, pairs, sign);
             }
         }
     }

@@ -36,9 +36,11 @@ def test_weights_are_causal_distributions_that_reproduce_attention(rng, pos, n_h
     assert (w[..., np.triu_indices(11, k=1)[0], np.triu_indices(11, k=1)[1]] == 0).all()  # no future keys
     assert w.max() > 0.9  # sharpened: some head attends almost entirely to one key
     for layer, block in enumerate(model.h):
-        q, k, v, out, _ = (np.asarray(a, dtype=np.float64) for a in block.attn.saved)
+        q, k, v, out, _ = (np.asarray(a, dtype=np.float64) for a in block.attn.saved[:5])
+        rope = block.attn.saved[5]  # the RoPE table the kernel rotated q and k by (None: not fused)
+        assert (rope is not None) == (pos == "rope")
         slopes = None if block.attn.alibi_slopes is None else np.asarray(block.attn.alibi_slopes, np.float64)
-        ref, _ = reference.attention(q, k, v, causal=True, alibi_slopes=slopes)  # (B, T, H, D)
+        ref, _ = reference.attention(q, k, v, causal=True, alibi_slopes=slopes, rope=rope)  # (B, T, H, D)
         v_heads = np.repeat(v, n_head // n_kv_head, axis=2).transpose(0, 2, 1, 3)  # (B, H, T, D)
         mine = (w[layer] @ v_heads).transpose(0, 2, 1, 3)  # (B, T, H, D)
         np.testing.assert_allclose(mine, ref, rtol=1e-9, atol=1e-12)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .reference.attention import rotate_qk
+
 MAX_LABELS = 48  # beyond this many tokens the axis labels would overlap: ticks only
 
 
@@ -27,6 +29,9 @@ def attention_weights(model) -> np.ndarray:
     for block in model.h:
         attn = block.attn
         q, k = (np.asarray(model.be.to_host(a), dtype=np.float64) for a in attn.saved[:2])
+        rope = attn.saved[5]  # set when the kernel rotated q and k itself (RoPE fused)
+        if rope is not None:
+            q, k = rotate_qk(q, k, model.be.to_host(rope))
         B, T, H, D = q.shape
         k = np.repeat(k, H // k.shape[2], axis=2)  # (B, T, H, D): each query head's key head
         s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D)  # (B, H, T, T)

@@ -290,32 +290,32 @@ class CausalSelfAttention(Module):
         qkv = self.c_attn.forward(x).reshape(B, T, H + 2 * Hkv, D)  # (B, T, H + 2Hkv, D)
         # q, k, v are strided views into the fused buffer: the kernel reads them without a copy.
         q, k, v = qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
-        if self.rope is not None:
-            # q and k rotated in place: nothing else reads the projection's output before rotation
-            # (c_attn's backward needs only its input), and the rotation reads and writes the same
-            # lines instead of filling a second buffer.
+        rope = None  # RoPE fused into the attention kernels (training: keys at positions 0..T-1)
+        if self.rope is not None and cache is None:
+            rope = self.rope[:T]
+        elif self.rope is not None:
+            # The cache keeps rotated keys (each is rotated once, not at every decoding step): q and
+            # k rotated in place, the rotation reading and writing the same lines.
             positions.rope_forward(qkv[:, :, :H + Hkv], self.rope[start:start + T], out=qkv[:, :, :H + Hkv])
         if cache is not None:
             cache.k[:, start:start + T] = k
             cache.v[:, start:start + T] = v
             k, v = cache.k[:, :start + T], cache.v[:, :start + T]  # (B, S, Hkv, D), S = start + T
-        out, lse = ops.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes)  # (B, T, H, D)
-        self.saved = (q, k, v, out, lse)
+        out, lse = ops.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, rope=rope)  # (B, T, H, D)
+        self.saved = (q, k, v, out, lse, rope)
         return self.c_proj.forward(out.reshape(B, T, H * D), residual)  # (B, T, C)
 
     def backward(self, dy):
         xp, ops = self.be.xp, self.be.ops
-        q, k, v, out, lse = self.saved
+        q, k, v, out, lse, rope = self.saved
         B, T, H, D = q.shape
         Hkv = self.n_kv_head
         dout = self.c_proj.backward(dy).reshape(B, T, H, D)  # (B, T, H, D)
-        # The kernel writes dq, dk, dv straight into the fused buffer's gradient, and RoPE's
-        # backward (the opposite rotation) turns dq and dk there in place.
+        # The kernel writes dq, dk, dv straight into the fused buffer's gradient (dq and dk turned
+        # back through RoPE as they are written).
         dqkv = xp.empty((B, T, H + 2 * Hkv, D), dtype=dout.dtype)
         ops.attention_backward(dout, q, k, v, out, lse, causal=True, alibi_slopes=self.alibi_slopes,
-                               dq=dqkv[:, :, :H], dk=dqkv[:, :, H:H + Hkv], dv=dqkv[:, :, H + Hkv:])
-        if self.rope is not None:
-            positions.rope_backward(dqkv[:, :, :H + Hkv], self.rope[:T], out=dqkv[:, :, :H + Hkv])
+                               dq=dqkv[:, :, :H], dk=dqkv[:, :, H:H + Hkv], dv=dqkv[:, :, H + Hkv:], rope=rope)
         return self.c_attn.backward(dqkv.reshape(B, T, (H + 2 * Hkv) * D))  # (B, T, C)
 
 

@@ -8,6 +8,10 @@ q, k and v are read through their strides, so views into one fused QKV buffer ne
 
 Only the last axis (D) must be contiguous. dout, out and lse are copied if they are not
 C-contiguous (the kernel reads them as dense blocks).
+
+rope= fuses RoPE (positions.rope_tables) into both passes: the CPU kernels rotate q and k as they
+read them and rotate dq and dk back as they write them, so a training step needs no rotation
+passes of its own and q and k are left as given.
 """
 from __future__ import annotations
 
@@ -79,21 +83,60 @@ def _check_qkv(q, k, v, causal, scale, alibi_slopes):
     return q, k, v, causal, float(scale), alibi_slopes
 
 
-def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None):
+def _check_rope(rope, q, k):
+    """rope as the kernels read it: (S, D/2) complex64, C-contiguous, on the device of q and k."""
+    if rope is None:
+        return None
+    xp = chk.array_module(k)
+    if not chk.is_array(rope) or chk.array_module(rope) is not xp:
+        raise TypeError(f"rope: expected a {xp.__name__} array (positions.rope_tables) on the device of q, "
+                        f"k and v, got {type(rope).__qualname__}")
+    if rope.dtype != np.complex64:
+        raise TypeError(f"rope: expected a complex64 table (positions.rope_tables), got dtype {rope.dtype}")
+    T, D, S = q.shape[1], q.shape[3], k.shape[1]
+    if D % 2:
+        raise ValueError(f"rope: RoPE rotates pairs, so the head dimension D must be even, got D = {D}")
+    if rope.shape != (S, D // 2):
+        raise ValueError(f"rope: expected shape (S, D/2) = ({S}, {D // 2}): one row per key position, got "
+                         f"{rope.shape}")
+    if T > S:
+        raise ValueError(f"rope: query i sits at position S - T + i, so rotating queries needs T <= S "
+                         f"(T={T}, S={S})")
+    return xp.ascontiguousarray(rope)
+
+
+def _rotated(q, k, rope):
+    """q and k rotated into fresh arrays (queries at positions S - T + i): the CUDA core has no
+    fused RoPE, so on CuPy the rotation runs before it."""
+    from .. import positions
+
+    T, S = q.shape[1], k.shape[1]
+    xp = chk.array_module(q)
+    return (positions.rope_forward(q, rope[S - T:], xp.empty(q.shape, np.float32)),
+            positions.rope_forward(k, rope, xp.empty(k.shape, np.float32)))
+
+
+def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None, rope=None):
     """(out (B, T, H, D), lse (B, H, T)) of softmax(q k^T scale - slope |pos_i - j|) v.
 
     q (B, T, H, D); k, v (B, S, Hkv, D) with H a multiple of Hkv (MHA, GQA, MQA). Query i sits at
     key position S - T + i; causal hides keys j > S - T + i. scale defaults to 1/sqrt(D);
     alibi_slopes is (H,) float32 or None. lse is the natural-log log-sum-exp of each query row's
-    scores, which attention_backward needs.
+    scores, which attention_backward needs. rope (S, D/2) complex64, if given, rotates q and k by
+    their positions first (row p of the table for position p): attention(rope(q), rope(k), v).
     """
     q, k, v, causal, scale, alibi_slopes = _check_qkv(q, k, v, causal, scale, alibi_slopes)
+    rope = _check_rope(rope, q, k)
     mod = chk.backend(q, k, v)
     if q.size == 0:  # no queries (B, T or H is 0): nothing to compute
         B, T, H, _ = q.shape
         xp = chk.array_module(q)
         return xp.zeros(q.shape, np.float32), xp.zeros((B, H, T), np.float32)
-    return mod.attention_forward(q, k, v, causal, scale, alibi_slopes)
+    if rope is None:
+        return mod.attention_forward(q, k, v, causal, scale, alibi_slopes)
+    if chk.is_cupy(q):  # the CUDA core reads rotated copies
+        return mod.attention_forward(*_rotated(q, k, rope), v, causal, scale, alibi_slopes)
+    return mod.attention_forward(q, k, v, causal, scale, alibi_slopes, rope)
 
 
 def _grad_out(name: str, given, shape, inputs):
@@ -115,16 +158,18 @@ def _grad_out(name: str, given, shape, inputs):
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alibi_slopes=None,
-                       dq=None, dk=None, dv=None):
+                       dq=None, dk=None, dv=None, rope=None):
     """(dq, dk, dv) for out = attention(q, k, v, ...)[0], given dout and the forward's out, lse.
 
     GQA/MQA gradients are summed over the query heads that share a key/value head inside the
     kernel; dk and dv have k's and v's shapes. Pass dq, dk and dv (together) to have the gradients
     written into them: views with a contiguous last axis and any other strides, such as the q, k
     and v slices of a fused QKV gradient (B, T, H + 2 Hkv, D), which then needs no copies. They
-    are returned as given.
+    are returned as given. With the forward's rope, pass it here too: q and k are the unrotated
+    inputs, and dq and dk their gradients.
     """
     q, k, v, causal, scale, alibi_slopes = _check_qkv(q, k, v, causal, scale, alibi_slopes)
+    rope = _check_rope(rope, q, k)
     B, T, H, D = q.shape
     dout = chk.float_array("dout", dout, 4)
     chk.same_shape("dout", dout, q.shape, "q's shape (B, T, H, D)")
@@ -146,10 +191,20 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alib
         fresh = (xp.zeros(q.shape, np.float32), xp.zeros(k.shape, np.float32), xp.zeros(v.shape, np.float32))
         if dq is None:
             return fresh
+    elif chk.is_cupy(q) and rope is not None:  # the CUDA core on rotated copies, its dq, dk rotated back
+        from .. import positions
+
+        T, S = q.shape[1], k.shape[1]
+        fresh = mod.attention_backward(dout, *_rotated(q, k, rope), v, out, lse, causal, scale, alibi_slopes)
+        positions.rope_backward(fresh[0], rope[S - T:], fresh[0])
+        positions.rope_backward(fresh[1], rope, fresh[1])
+        if dq is None:
+            return fresh
     elif dq is not None and chk.is_cupy(q):  # the CUDA core writes contiguous gradients: copied below
         fresh = mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
     else:  # the CPU core writes into dq, dk, dv when given
-        return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, dq, dk, dv)
+        fused = () if rope is None else (rope,)
+        return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, dq, dk, dv, *fused)
     for g, f in zip((dq, dk, dv), fresh):
         g[...] = f
     return dq, dk, dv

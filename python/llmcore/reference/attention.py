@@ -24,6 +24,11 @@ Backward, given dout = dL/dout and the forward's out and lse:
 
 The softmax Jacobian is diag(p) - p p^T, which is where ds comes from; delta_i is its p p^T part,
 computed from out instead of from p (the form a kernel that never stores p can use).
+
+With rope, an (S, D/2) complex table whose row p rotates position p (RoPE), q_i and k_j above are
+rope(q)_i = q_i * rope[pos_i] and rope(k)_j = k_j * rope[j], each pair (x[2m], x[2m+1]) read as a
+complex number; the backward turns the gradients of the rotated q and k back by the conjugate
+rotation (a rotation's transpose), giving dq and dk for the unrotated inputs.
 Inputs may be float32 or float64; everything is computed and returned in q's dtype.
 """
 from __future__ import annotations
@@ -44,6 +49,34 @@ def _check(q, k, v, causal):
     if causal and S < T:
         raise ValueError(f"k: causal attention needs S >= T (S={S}, T={T})")
     return B, T, H, D, S, Hkv
+
+
+def _rotate(x, rot, conjugate=False):
+    """x (B, L, heads, D) with each pair of its last axis multiplied by rot (L, D/2) as complex
+    numbers (conjugated when asked), in x's float dtype."""
+    rot = np.asarray(rot)
+    if rot.ndim != 2 or rot.shape != (x.shape[1], x.shape[3] // 2) or x.shape[3] % 2:
+        raise ValueError(f"rope: expected an (S, D/2) = ({x.shape[1]}, {x.shape[3] // 2}) table for "
+                         f"an even D, got {rot.shape} with D = {x.shape[3]}")
+    dt = np.asarray(x).dtype
+    cx = np.ascontiguousarray(x).view(np.complex128 if dt == np.float64 else np.complex64)
+    r = rot.astype(cx.dtype)
+    return (cx * (r.conj() if conjugate else r)[None, :, None, :]).view(dt)
+
+
+def rotate_qk(q, k, rope):
+    """q and k rotated by rope (S, D/2): the queries by the rows of their positions S - T + i."""
+    if rope is None:
+        return q, k
+    T, S = q.shape[1], k.shape[1]
+    rope = np.asarray(rope)
+    if not np.iscomplexobj(rope):
+        raise TypeError(f"rope: expected a complex table (positions.rope_tables), got dtype {rope.dtype}")
+    if rope.ndim != 2 or rope.shape[0] != S:
+        raise ValueError(f"rope: expected {S} rows (one per key position), got shape {rope.shape}")
+    if T > S:
+        raise ValueError(f"rope: query i sits at position S - T + i, so it needs T <= S (T={T}, S={S})")
+    return _rotate(q, rope[S - T:]), _rotate(k, rope)
 
 
 def _heads(x, H, dt):
@@ -68,9 +101,11 @@ def _scores(q, k, causal, scale, alibi_slopes):
     return s
 
 
-def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None):
-    """(out (B, T, H, D), lse (B, H, T)) of softmax(q k^T scale + alibi, masked) v."""
+def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None, rope=None):
+    """(out (B, T, H, D), lse (B, H, T)) of softmax(q k^T scale + alibi, masked) v, q and k first
+    rotated by rope when given."""
     B, T, H, D, S, Hkv = _check(q, k, v, causal)
+    q, k = rotate_qk(q, k, rope)
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     s = _scores(q, k, causal, scale, alibi_slopes)                # (B, H, T, S)
     m = s.max(axis=-1, keepdims=True)                             # (B, H, T, 1)
@@ -82,15 +117,20 @@ def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None):
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alibi_slopes=None,
-                       dq=None, dk=None, dv=None):
+                       dq=None, dk=None, dv=None, rope=None):
     """(dq, dk, dv) for out = attention(q, k, v, ...)[0], given dout, out and lse; written into
     the given dq, dk, dv (all three) and returned as given when passed."""
     if dq is not None:
         for given, grad in zip((dq, dk, dv), attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
-                                                                alibi_slopes=alibi_slopes)):
+                                                                alibi_slopes=alibi_slopes, rope=rope)):
             given[...] = grad
         return dq, dk, dv
     B, T, H, D, S, Hkv = _check(q, k, v, causal)
+    if rope is not None:
+        dq, dk, dv = attention_backward(dout, *rotate_qk(q, k, rope), v, out, lse, causal=causal,
+                                        scale=scale, alibi_slopes=alibi_slopes)
+        rope = np.asarray(rope)
+        return _rotate(dq, rope[S - T:], conjugate=True), _rotate(dk, rope, conjugate=True), dv
     G = H // Hkv
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     dt = q.dtype
