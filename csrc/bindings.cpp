@@ -470,19 +470,65 @@ py::array_t<float> embedding_backward(const py::array& dout, const py::array& id
     return dw;
 }
 
+// One tensor's arrays for the AdamW kernel, after checking them (`where` names the tensor in
+// messages, e.g. "params[3]").
+llmcore::AdamwTensor adamw_tensor(py::array& param, const py::array& grad, py::array& m, py::array& v,
+                                  float weight_decay, const std::string& where) {
+    llmcore::AdamwTensor t{};
+    t.param = inout_f32(param, ("param" + where).c_str());
+    t.grad = in_f32(grad, ("grad" + where).c_str());
+    t.m = inout_f32(m, ("m" + where).c_str());
+    t.v = inout_f32(v, ("v" + where).c_str());
+    require_shape(grad, ("grad" + where).c_str(), shape_of(param));
+    require_shape(m, ("m" + where).c_str(), shape_of(param));
+    require_shape(v, ("v" + where).c_str(), shape_of(param));
+    t.n = param.size();
+    t.weight_decay = weight_decay;
+    return t;
+}
+
+void require_step(int64_t step) {
+    if (step < 1) fail("step: expected a count starting at 1, got " + std::to_string(step));
+}
+
 void adamw_step(py::array& param, const py::array& grad, py::array& m, py::array& v, float lr,
                 float beta1, float beta2, float eps, float weight_decay, int64_t step) {
-    float* pp = inout_f32(param, "param");
-    const float* pg = in_f32(grad, "grad");
-    float* pm = inout_f32(m, "m");
-    float* pv = inout_f32(v, "v");
-    require_shape(grad, "grad", shape_of(param));
-    require_shape(m, "m", shape_of(param));
-    require_shape(v, "v", shape_of(param));
-    if (step < 1) fail("step: expected a count starting at 1, got " + std::to_string(step));
-    const int64_t n = param.size();
+    const llmcore::AdamwTensor t = adamw_tensor(param, grad, m, v, weight_decay, "");
+    require_step(step);
     py::gil_scoped_release nogil;
-    kernels().adamw_step(pp, pm, pv, pg, n, lr, beta1, beta2, eps, weight_decay, step);
+    kernels().adamw_step(&t, 1, lr, beta1, beta2, eps, step, 1.0f);
+}
+
+// Every tensor of a model in one call: lists of equal length, tensor i's weight decay
+// weight_decays[i], every gradient multiplied by grad_scale.
+void adamw_step_multi(std::vector<py::array> params, const std::vector<py::array>& grads,
+                      std::vector<py::array> ms, std::vector<py::array> vs, float lr, float beta1,
+                      float beta2, float eps, const std::vector<float>& weight_decays, int64_t step,
+                      float grad_scale) {
+    const size_t n = params.size();
+    if (grads.size() != n || ms.size() != n || vs.size() != n || weight_decays.size() != n)
+        fail("params, grads, m, v, weight_decays: expected lists of one length, got " + std::to_string(n) + ", " +
+             std::to_string(grads.size()) + ", " + std::to_string(ms.size()) + ", " + std::to_string(vs.size()) +
+             ", " + std::to_string(weight_decays.size()));
+    require_step(step);
+    std::vector<llmcore::AdamwTensor> tensors;
+    for (size_t i = 0; i < n; ++i)
+        tensors.push_back(adamw_tensor(params[i], grads[i], ms[i], vs[i], weight_decays[i],
+                                       "[" + std::to_string(i) + "]"));
+    py::gil_scoped_release nogil;
+    kernels().adamw_step(tensors.data(), (int64_t)n, lr, beta1, beta2, eps, step, grad_scale);
+}
+
+// sum of x^2 over every element of every array (C-contiguous float32), in float64.
+double sum_of_squares(const std::vector<py::array>& arrays) {
+    std::vector<const float*> ptrs;
+    std::vector<int64_t> sizes;
+    for (size_t i = 0; i < arrays.size(); ++i) {
+        ptrs.push_back(in_f32(arrays[i], ("arrays[" + std::to_string(i) + "]").c_str()));
+        sizes.push_back(arrays[i].size());
+    }
+    py::gil_scoped_release nogil;
+    return kernels().sum_of_squares(ptrs.data(), sizes.data(), (int64_t)ptrs.size());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -694,6 +740,10 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("embedding_backward", &embedding_backward, py::arg("dout"), py::arg("ids"), py::arg("vocab_size"));
     m.def("adamw_step", &adamw_step, py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"),
           py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
+    m.def("adamw_step_multi", &adamw_step_multi, py::arg("params"), py::arg("grads"), py::arg("m"), py::arg("v"),
+          py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decays"),
+          py::arg("step"), py::arg("grad_scale"));
+    m.def("sum_of_squares", &sum_of_squares, py::arg("arrays"));
     m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("causal"),
           py::arg("scale"), py::arg("alibi_slopes") = py::none(), py::arg("rope") = py::none());
     m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),

@@ -20,6 +20,7 @@ CrossEntropyBackwardFn cross_entropy_backward;
 EmbeddingForwardFn embedding_forward;
 EmbeddingBackwardFn embedding_backward;
 AdamwStepFn adamw_step;
+SumOfSquaresFn sum_of_squares;
 AttentionForwardFn attention_forward;
 AttentionBackwardFn attention_backward;
 RopeFn rope;
@@ -44,6 +45,7 @@ extern const KernelTable kernels = {
     .embedding_forward = embedding_forward,
     .embedding_backward = embedding_backward,
     .adamw_step = adamw_step,
+    .sum_of_squares = sum_of_squares,
     .attention_forward = attention_forward,
     .attention_backward = attention_backward,
     .rope = rope,

@@ -64,9 +64,19 @@ using EmbeddingForwardFn = void(float* out, const float* weight, const int64_t* 
 using EmbeddingBackwardFn = void(float* dweight, const float* dout, const int64_t* ids,
                                  int64_t n_ids, int64_t V, int64_t C);
 
-// One AdamW step in place (torch.optim.AdamW semantics); step counts from 1.
-using AdamwStepFn = void(float* param, float* m, float* v, const float* grad, int64_t n, float lr,
-                         float beta1, float beta2, float eps, float weight_decay, int64_t step);
+// One AdamW step in place on each of `count` tensors (torch.optim.AdamW semantics, the gradient
+// multiplied by grad_scale first); step counts from 1.
+struct AdamwTensor {
+    float *param, *m, *v;
+    const float* grad;
+    int64_t n;
+    float weight_decay;
+};
+using AdamwStepFn = void(const AdamwTensor* tensors, int64_t count, float lr, float beta1,
+                         float beta2, float eps, int64_t step, float grad_scale);
+// The sum of x^2 over `count` arrays (array i has sizes[i] floats), accumulated in double; the same
+// for any thread count.
+using SumOfSquaresFn = double(const float* const* arrays, const int64_t* sizes, int64_t count);
 
 // Attention over q (B,T,H,D), k and v (B,S,Hkv,D) with arbitrary strides on every axis but the
 // last (a view into a fused QKV buffer needs no copy). Strides are in elements, ordered
@@ -119,6 +129,7 @@ struct KernelTable {
     EmbeddingForwardFn* embedding_forward;
     EmbeddingBackwardFn* embedding_backward;
     AdamwStepFn* adamw_step;
+    SumOfSquaresFn* sum_of_squares;
     AttentionForwardFn* attention_forward;
     AttentionBackwardFn* attention_backward;
     RopeFn* rope;

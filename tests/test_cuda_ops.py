@@ -329,6 +329,48 @@ def test_adamw(cp, rng, shape):
     check(gv, rv, 1e-5, "v")
 
 
+def test_adamw_step_multi_and_global_norm(cp, rng):
+    """The CuPy paths (loops over the one-tensor CUDA kernel, the gradient scaled first; one dot
+    per array) against the float64 reference."""
+    hyper = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=[0.1, 0.0, 0.1])
+    shapes = [(7, 5), (33,), (2, 3, 4)]
+    params = [randn(rng, s) for s in shapes]
+    gp = [cp.asarray(p) for p in params]
+    gm, gv = ([cp.zeros(s, np.float32) for s in shapes] for _ in range(2))
+    rp = [p.astype(np.float64) for p in params]
+    rm, rv = ([np.zeros(s) for s in shapes] for _ in range(2))
+    for step in range(1, 4):
+        grads = [randn(rng, s) for s in shapes]
+        norm = ops.global_norm([cp.asarray(g) for g in grads])
+        assert norm == pytest.approx(ref.global_norm(grads), rel=1e-6)
+        scale = 0.5 / norm
+        ggrads = [cp.asarray(g) for g in grads]
+        ops.adamw_step_multi(gp, ggrads, gm, gv, step=step, grad_scale=scale, **hyper)
+        ref.adamw_step_multi(rp, [g.astype(np.float64) for g in grads], rm, rv, step=step, grad_scale=scale, **hyper)
+        for g, want in zip(ggrads, grads):
+            assert (cp.asnumpy(g) == want).all()  # the gradients are read, not scaled in place
+    for g, r in zip(gp, rp):
+        check(g, r, 1e-6, "param")
+
+
+def test_attention_rope_composes_on_cupy(cp, rng):
+    """rope= on CuPy arrays: rotated copies into the CUDA kernels, dq and dk rotated back."""
+    from llmcore import positions
+
+    B, T, S, H, Hkv, D = 2, 33, 40, 4, 2, 32
+    q, k, v = randn(rng, (B, T, H, D)), randn(rng, (B, S, Hkv, D)), randn(rng, (B, S, Hkv, D))
+    dout = randn(rng, (B, T, H, D))
+    rot = positions.rope_tables(S, D)
+    out, lse = ops.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), rope=cp.asarray(rot))
+    rout, rlse = ref.attention(*(x.astype(np.float64) for x in (q, k, v)), rope=rot)
+    check(out, rout, 1e-5, "out")
+    grads = ops.attention_backward(cp.asarray(dout), cp.asarray(q), cp.asarray(k), cp.asarray(v), out, lse,
+                                   rope=cp.asarray(rot))
+    want = ref.attention_backward(*(x.astype(np.float64) for x in (dout, q, k, v)), rout, rlse, rope=rot)
+    for g, w, name in zip(grads, want, ("dq", "dk", "dv")):
+        check(g, w, 1e-4, name)
+
+
 # ---- attention ----------------------------------------------------------------------------------
 
 ATTENTION_CASES = [  # B, T, S, H, Hkv, D, causal, alibi

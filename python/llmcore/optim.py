@@ -9,7 +9,7 @@ from . import nn
 
 
 class AdamW:
-    """torch.optim.AdamW semantics, one fused llmcore adamw_step per parameter.
+    """torch.optim.AdamW semantics: one fused llmcore adamw_step_multi call updates every parameter.
 
     Weight decay applies only to matrices (ndim >= 2: linear weights and embeddings); norm weights
     and biases are not decayed, as in GPT-2/nanoGPT.
@@ -30,15 +30,18 @@ class AdamW:
         self.v = {k: xp.zeros_like(p.data) for k, p in self.params.items()}
         self.step_count = 0
 
-    def step(self, lr=None):
-        """One update with every parameter's current .grad (lr overrides self.lr, for schedules)."""
+    def step(self, lr=None, grad_scale=1.0):
+        """One update with every parameter's current .grad times grad_scale (clip_scale's factor;
+        the gradients are not modified). lr overrides self.lr, for schedules."""
         self.step_count += 1
         lr = self.lr if lr is None else lr
-        for name, p in self.params.items():
-            self.be.ops.adamw_step(p.data, p.grad, self.m[name], self.v[name], lr=lr, beta1=self.betas[0],
-                                   beta2=self.betas[1], eps=self.eps,
-                                   weight_decay=self.weight_decay if p.data.ndim >= 2 else 0.0,
-                                   step=self.step_count)
+        names = list(self.params)
+        self.be.ops.adamw_step_multi(
+            [self.params[k].data for k in names], [self.params[k].grad for k in names],
+            [self.m[k] for k in names], [self.v[k] for k in names], lr=lr, beta1=self.betas[0],
+            beta2=self.betas[1], eps=self.eps,
+            weight_decay=[self.weight_decay if self.params[k].data.ndim >= 2 else 0.0 for k in names],
+            step=self.step_count, grad_scale=grad_scale)
 
     def state_arrays(self) -> dict:
         """The moments as flat name -> array on the backend's device (checkpoints copy them with
@@ -68,20 +71,33 @@ def lr_schedule(step: int, *, max_lr: float, min_lr: float, warmup: int, total: 
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def clip_grad_norm(params: dict, max_norm: float) -> float:
-    """Scales every gradient by min(1, max_norm / global_norm); returns the norm before clipping
-    (inf or NaN when a gradient is not finite, which the training loop treats as a failure).
+def grad_norm(params: dict) -> float:
+    """The global norm of every parameter's gradient (inf or NaN when one is not finite). float32
+    gradients go through llmcore.ops.global_norm (one threaded pass on the CPU, one transfer from
+    the GPU), float64 ones through the reference."""
+    from . import ops, reference
 
-    Gradients may be NumPy or CuPy arrays: the squares are summed where the gradients live, in
-    float64 across parameters, and only the total comes back to the host (one GPU sync)."""
-    total = 0.0
-    for p in params.values():
-        g = p.grad.reshape(-1)
-        xp = nn.array_module(g)
-        total = total + xp.dot(g, g).astype(np.float64)  # one BLAS dot per parameter, no g*g temporary
-    norm = math.sqrt(float(total))
+    grads = [p.grad for p in params.values()]
+    if all(g.dtype == np.float32 for g in grads):
+        return ops.global_norm(grads)
+    return reference.global_norm(grads)
+
+
+def clip_scale(norm: float, max_norm) -> float:
+    """The factor global-norm clipping multiplies every gradient by: min(1, max_norm / norm), 1
+    when max_norm is None or 0 (no clipping) or norm is not finite."""
     if max_norm is not None and max_norm > 0 and norm > max_norm and math.isfinite(norm):
-        scale = max_norm / (norm + 1e-6)
+        return max_norm / (norm + 1e-6)
+    return 1.0
+
+
+def clip_grad_norm(params: dict, max_norm: float) -> float:
+    """Scales every gradient by clip_scale(norm, max_norm) in place; returns the norm before
+    clipping. (The training step instead hands the factor to AdamW.step, which applies it as it
+    reads each gradient: no pass of its own.)"""
+    norm = grad_norm(params)
+    scale = clip_scale(norm, max_norm)
+    if scale != 1.0:
         for p in params.values():
             p.grad *= scale
     return norm

@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from .ops import get_matmul_precision, set_matmul_precision
 from .ops.matmul import MATMUL_PRECISIONS
 from .model import GPT, GPTConfig
-from .optim import AdamW, clip_grad_norm, lr_schedule
+from .optim import AdamW, clip_scale, grad_norm, lr_schedule
 from .tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
 
 # Model shape per preset, then the training settings. "cpu" is the default: on 2 CPU cores it
@@ -89,9 +89,9 @@ def train_step(model, opt, x, y, *, lr: float, grad_clip: float) -> tuple[float,
     if math.isfinite(loss):
         model.zero_grad()
         model.backward()
-        norm = clip_grad_norm(opt.params, grad_clip)
+        norm = grad_norm(opt.params)
     if math.isfinite(loss) and math.isfinite(norm):
-        opt.step(lr)
+        opt.step(lr, grad_scale=clip_scale(norm, grad_clip))  # clipping applied as AdamW reads each gradient
     return loss, norm
 
 

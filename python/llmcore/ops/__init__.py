@@ -3,9 +3,9 @@
 NumPy arrays run on llmcore._cpu, CuPy arrays on llmcore._cuda (results live where the inputs do;
 set_matmul_precision chooses fp32, TF32 or bf16 tensor-core math for GPU matmuls). Arguments and results follow DESIGN.md's contract and match
 llmcore.reference name for name. Non-contiguous inputs are copied; arrays updated in place
-(adamw_step) must be C-contiguous.
+(adamw_step, adamw_step_multi) must be C-contiguous.
 """
-from .adamw import adamw_step
+from .adamw import adamw_step, adamw_step_multi, global_norm
 from .attention import attention, attention_backward
 from .cross_entropy import cross_entropy, cross_entropy_backward
 from .embedding import embedding, embedding_backward

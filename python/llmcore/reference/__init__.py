@@ -3,7 +3,7 @@
 Same names and arguments as llmcore.ops; when a kernel and the reference disagree, the reference
 decides. Each reference backward is checked against central finite differences in the tests.
 """
-from .adamw import adamw_step
+from .adamw import adamw_step, adamw_step_multi, global_norm
 from .attention import attention, attention_backward
 from .cross_entropy import cross_entropy, cross_entropy_backward
 from .embedding import embedding, embedding_backward
