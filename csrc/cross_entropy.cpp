@@ -8,7 +8,7 @@ namespace LLMCORE_ISA {
 
 void cross_entropy_forward(float* loss, float* lse, const float* logits, const int64_t* targets,
                            int64_t N, int64_t V, int64_t ignore_index) {
-#pragma omp parallel for schedule(static, kRowGrain)
+#pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const float* row = logits + n * V;
         float mx = -INFINITY;
@@ -31,7 +31,7 @@ void cross_entropy_forward(float* loss, float* lse, const float* logits, const i
 void cross_entropy_backward(float* dlogits, const float* dloss, const float* logits,
                             const int64_t* targets, const float* lse, int64_t N, int64_t V,
                             int64_t ignore_index) {
-#pragma omp parallel for schedule(static, kRowGrain)
+#pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const float* row = logits + n * V;
         float* drow = dlogits + n * V;

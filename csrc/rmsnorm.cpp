@@ -8,7 +8,7 @@ namespace LLMCORE_ISA {
 
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* weight, int64_t rows,
                      int64_t C, float eps) {
-#pragma omp parallel for schedule(static, kRowGrain)
+#pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * C;
         float* yr = y + r * C;

@@ -7,7 +7,7 @@ namespace llmcore {
 namespace LLMCORE_ISA {
 
 void softmax_forward(float* y, const float* x, int64_t rows, int64_t cols) {
-#pragma omp parallel for schedule(static, kRowGrain)
+#pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * cols;
         float* yr = y + r * cols;
@@ -30,7 +30,7 @@ void softmax_forward(float* y, const float* x, int64_t rows, int64_t cols) {
 
 // dx = y * (dy - sum(dy * y))
 void softmax_backward(float* dx, const float* dy, const float* y, int64_t rows, int64_t cols) {
-#pragma omp parallel for schedule(static, kRowGrain)
+#pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float* dyr = dy + r * cols;
         const float* yr = y + r * cols;
