@@ -39,6 +39,7 @@
 #include "aligned_buffer.h"
 #include "common.h"
 #include "kernels.h"
+#include "transpose8.h"
 
 namespace llmcore {
 namespace LLMCORE_ISA {
@@ -169,32 +170,6 @@ void tile_gemm(float* c, int64_t ldc, const float* a, int64_t ars, int64_t aks, 
         }
         for (; r < rows; ++r)
             band_tile<1>(c, ldc, a, ars, aks, b, ldb, r, l0, nv, kdim, accumulate, cscale, band);
-    }
-}
-
-// 8 x 8 transposes in registers. Scalar copies cost 10% of the forward and 13% of the backward
-// at T = 512 (perf); these blocks take them down to ~3%.
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-// (Vectors move through memcpy inside these loops, never as function arguments or results: the
-// generic build has no 32-byte registers, and GCC warns about such an ABI.)
-
-// Rows r[0..7] become columns. Stage s swaps bit s of the row index with bit s of the column
-// index between rows x and x + 2^s (unpck, shuf and perm2f128 on AVX).
-inline void transpose8(v8f r[8]) {
-    const v8i lo[3] = {{0, 8, 2, 10, 4, 12, 6, 14}, {0, 1, 8, 9, 4, 5, 12, 13}, {0, 1, 2, 3, 8, 9, 10, 11}};
-    const v8i hi[3] = {{1, 9, 3, 11, 5, 13, 7, 15}, {2, 3, 10, 11, 6, 7, 14, 15}, {4, 5, 6, 7, 12, 13, 14, 15}};
-#pragma GCC unroll 3
-    for (int st = 0; st < 3; ++st) {
-        const int step = 1 << st;
-#pragma GCC unroll 8
-        for (int x = 0; x < 8; ++x) {
-            if (x & step) continue;
-            const v8f a = r[x], b = r[x + step];
-            r[x] = __builtin_shuffle(a, b, lo[st]);
-            r[x + step] = __builtin_shuffle(a, b, hi[st]);
-        }
     }
 }
 

@@ -18,6 +18,7 @@
 #include "aligned_buffer.h"
 #include "common.h"
 #include "kernels.h"
+#include "transpose8.h"
 
 namespace llmcore {
 namespace LLMCORE_ISA {
@@ -155,13 +156,21 @@ void pack_a(float* ap, const float* a, bool trans, int64_t M, int64_t K, int64_t
         }
         return;
     }
-    // op(A)(i, k) = a[i * K + k] (only ragged last panels are packed from a row-major A)
+    // op(A)(i, k) = a[i * K + k]: each full panel transposed in 8 x 8 blocks (rows 0-7, then the
+    // MR - 8 left), the k tail and a ragged last panel element by element.
     for (int64_t ir = 0; ir < mc; ir += MR) {
         const int rows = (int)std::min<int64_t>(MR, mc - ir);
         float* dst = ap + ir * kc;
-        for (int64_t k = 0; k < kc; ++k)
-            for (int r = 0; r < MR; ++r)
-                dst[k * MR + r] = r < rows ? a[(i0 + ir + r) * K + p0 + k] : 0.0f;
+        const float* src = a + (i0 + ir) * K + p0;
+        int64_t k = 0;
+        if (rows == MR) {
+            for (; k + 8 <= kc; k += 8) {
+                transpose_block8<std::min(MR, 8)>(dst + k * MR, MR, src + k, K);
+                if constexpr (MR > 8) transpose_block8<MR - 8>(dst + k * MR + 8, MR, src + 8 * K + k, K);
+            }
+        }
+        for (; k < kc; ++k)
+            for (int r = 0; r < MR; ++r) dst[k * MR + r] = r < rows ? src[r * K + k] : 0.0f;
     }
 }
 
@@ -181,13 +190,14 @@ void pack_b_panel(float* bp, const float* b, bool trans, int64_t N, int64_t K, i
                 for (int j = cols; j < NR; ++j) dst[j] = 0.0f;
             }
         }
-    } else {  // op(B)(k, j) = b[j * K + k]: walk each source row once
-        for (int j = 0; j < cols; ++j) {
-            const float* src = b + (j0 + j) * K + p0;
-            for (int64_t k = 0; k < kc; ++k) bp[k * NR + j] = src[k];
-        }
-        for (int j = cols; j < NR; ++j)
-            for (int64_t k = 0; k < kc; ++k) bp[k * NR + j] = 0.0f;
+    } else {  // op(B)(k, j) = b[j * K + k]: 8 x 8 blocks transposed, then the ragged rest
+        const float* src = b + j0 * K + p0;
+        const int full_cols = cols / 8 * 8;
+        const int64_t full_k = kc / 8 * 8;
+        for (int j = 0; j < full_cols; j += 8)
+            for (int64_t k = 0; k < full_k; k += 8) transpose_block8<8>(bp + k * NR + j, NR, src + j * K + k, K);
+        for (int j = 0; j < NR; ++j)
+            for (int64_t k = (j < full_cols ? full_k : 0); k < kc; ++k) bp[k * NR + j] = j < cols ? src[j * K + k] : 0.0f;
     }
 }
 
