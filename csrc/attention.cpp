@@ -277,6 +277,20 @@ struct Problem {
                 for (int64_t d = D; d < ld; ++d) dst[i * ld + d] = 0.0f;
         }
     }
+    // Rows [i0, i0 + n) of query head h / keys [j0, j0 + n) of kv head hk as a product reads
+    // them: in place, or rotated into `scratch` (n x D) with RoPE. Sets *stride to their row stride.
+    const float* q_rows(int64_t b, int64_t i0, int64_t n, int64_t h, float* scratch, int64_t* stride) const {
+        return rows_for_product(q_row(b, i0, h), s.q_strides[1], n, off + i0, scratch, stride);
+    }
+    const float* k_rows(int64_t b, int64_t j0, int64_t n, int64_t hk, float* scratch, int64_t* stride) const {
+        return rows_for_product(k_row(b, j0, hk), s.k_strides[1], n, j0, scratch, stride);
+    }
+    const float* rows_for_product(const float* src, int64_t src_stride, int64_t n, int64_t pos0,
+                                  float* scratch, int64_t* stride) const {
+        if (!rot) return *stride = src_stride, src;
+        load_rows(scratch, s.D, src, src_stride, n, pos0);
+        return *stride = s.D, scratch;
+    }
     // Keys [0, key_end) are visible to at least one query of rows [i0, i0 + n).
     int64_t key_end(int64_t i0, int64_t n) const {
         return causal ? std::min(s.S, off + i0 + n) : s.S;
@@ -332,12 +346,8 @@ void forward_block(float* out, float* lse, const Problem& P, int64_t b, int64_t 
     prefetch_rows<Prefetch::kWrite>(out_rows, s.H * D, nq, D);
     prefetch_rows<Prefetch::kReadL2>(P.k_row(b, 0, hk), s.k_strides[1], kend, D);
     prefetch_rows<Prefetch::kReadL2>(P.v_row(b, 0, hk), s.v_strides[1], kend, D);
-    const float* qrows = P.q_row(b, i0, h);
-    int64_t qstride = s.q_strides[1];
-    if (P.rot) {
-        P.load_rows(qrot, D, qrows, qstride, nq, p0);
-        qrows = qrot, qstride = D;
-    }
+    int64_t qstride;
+    const float* qrows = P.q_rows(b, i0, nq, h, qrot, &qstride);
     transpose_in(qt, W, qrows, qstride, nq, D);
     std::fill(m, m + W, -INFINITY);
     std::fill(mu, mu + W, 0.0f);
@@ -349,12 +359,8 @@ void forward_block(float* out, float* lse, const Problem& P, int64_t b, int64_t 
         const bool mask = P.causal && j0 + nk - 1 > p0;  // the tile crosses the diagonal
         // St (nk x W) = K Qt, on a diagonal tile only where key j0 + j <= query p0 + i. K is read
         // in place, or from a rotated copy of the block with RoPE.
-        const float* krows = P.k_row(b, j0, hk);
-        int64_t kstride = s.k_strides[1];
-        if (P.rot) {
-            P.load_rows(krot, D, krows, kstride, nk, j0);
-            krows = krot, kstride = D;
-        }
+        int64_t kstride;
+        const float* krows = P.k_rows(b, j0, nk, hk, krot, &kstride);
         tile_gemm(st, W, krows, kstride, 1, qt, W, nk, D, W, false, nullptr,
                   mask ? Band{Band::kLanesFrom, p0 - j0} : Band{});
 
@@ -413,6 +419,7 @@ void forward_block(float* out, float* lse, const Problem& P, int64_t b, int64_t 
 struct RowState {
     float m, mu, l;  // running max, the exponentials' reference (see forward_block), sum
     float* o;        // (D,) unnormalised output
+    const float* q;  // (D,) the query row (rotated with RoPE)
 };
 
 // Adds keys [j0, j0 + nk) (all visible) to one query row: scores four keys at a time (four
@@ -483,26 +490,22 @@ void forward_rows(float* out, float* lse, const Problem& P, int64_t b, int64_t h
     float* krot = qrot + R * D;                         // (BK, D) rotated keys (RoPE only)
     RowState rows[LLMCORE_VEC / 2 * 64];               // R <= G * T < 64 * VEC/2 (G <= 64 below)
     for (int64_t r = 0; r < R; ++r) {
-        rows[r] = RowState{-INFINITY, 0.0f, 0.0f, scratch + r * D};
+        rows[r] = RowState{-INFINITY, 0.0f, 0.0f, scratch + r * D, nullptr};
         std::fill(rows[r].o, rows[r].o + D, 0.0f);
-        if (P.rot) P.load_rows(qrot + r * D, D, P.q_row(b, r % T, h0 + r / T), 0, 1, P.off + r % T);
+        int64_t unused;
+        rows[r].q = P.q_rows(b, r % T, 1, h0 + r / T, qrot + r * D, &unused);
     }
     const int64_t kend = P.key_end(0, T);
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
-        const float* kb = P.k_row(b, j0, hk);
-        int64_t ks = s.k_strides[1];
-        if (P.rot) {  // the block's keys rotated once, for every row of the task
-            P.load_rows(krot, D, kb, ks, std::min(BK, kend - j0), j0);
-            kb = krot, ks = D;
-        }
+        int64_t ks;  // (with RoPE the block's keys are rotated once, for every row of the task)
+        const float* kb = P.k_rows(b, j0, std::min(BK, kend - j0), hk, krot, &ks);
         const float* vb = P.v_row(b, j0, hk);
         for (int64_t r = 0; r < R; ++r) {
             const int64_t h = h0 + r / T, i = r % T;
             // Each row stops at its own causal diagonal: no mask needed.
             const int64_t nk = std::min(BK, P.key_end(i, 1) - j0);
-            const float* qr = P.rot ? qrot + r * D : P.q_row(b, i, h);
             if (nk > 0)
-                row_update(rows[r], qr, kb, ks, vb, s.v_strides[1], D, nk, P.scale, P.slope(h),
+                row_update(rows[r], rows[r].q, kb, ks, vb, s.v_strides[1], D, nk, P.scale, P.slope(h),
                            (float)(P.off + i - j0));
         }
     }
@@ -659,12 +662,8 @@ void dq_block(const Problem& P, const Grads& g, int64_t b, int64_t h, int64_t i0
     float* krot = qrot + BQ * D;  // (nk, D) rotated K rows of the current block (RoPE only)
     alignas(64) float lv[BQ] = {}, dlv[BQ] = {};  // lse and delta; zero on padding lanes
 
-    const float* qrows = P.q_row(b, i0, h);
-    int64_t qstride = s.q_strides[1];
-    if (P.rot) {
-        P.load_rows(qrot, D, qrows, qstride, nq, p0);
-        qrows = qrot, qstride = D;
-    }
+    int64_t qstride;
+    const float* qrows = P.q_rows(b, i0, nq, h, qrot, &qstride);
     transpose_in(qt, W, qrows, qstride, nq, D);
     transpose_in(dot, W, g.dout + ((b * T + i0) * H + h) * D, H * D, nq, D);
     std::fill(dqt, dqt + D * W, 0.0f);
@@ -674,12 +673,8 @@ void dq_block(const Problem& P, const Grads& g, int64_t b, int64_t h, int64_t i0
     const int64_t kend = P.key_end(i0, nq);
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
         const int64_t nk = std::min(BK, kend - j0);
-        const float* kb = P.k_row(b, j0, hk);
-        int64_t ks = s.k_strides[1];
-        if (P.rot) {
-            P.load_rows(krot, D, kb, ks, nk, j0);
-            kb = krot, ks = D;
-        }
+        int64_t ks;
+        const float* kb = P.k_rows(b, j0, nk, hk, krot, &ks);
         tile_gemm(st, W, kb, ks, 1, qt, W, nk, D, W, false);
         tile_gemm(dst, W, P.v_row(b, j0, hk), s.v_strides[1], 1, dot, W, nk, D, W, false);
         const bool mask = P.causal && j0 + nk - 1 > p0;

@@ -61,3 +61,13 @@ def numerical_grad(fn, x: np.ndarray, dout: np.ndarray, h: float = 1e-6) -> np.n
         flat[i] = old
         g[i] = (plus - minus) / (2 * h)
     return grad
+
+
+def attention_inputs(rng, B, T, S, H, Hkv, D, alibi=False):
+    """float32 q (B, T, H, D), k and v (B, S, Hkv, D), dout like q, and ALiBi slopes (H,) or None."""
+    q = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    k = rng.standard_normal((B, S, Hkv, D)).astype(np.float32)
+    v = rng.standard_normal((B, S, Hkv, D)).astype(np.float32)
+    dout = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    slopes = rng.uniform(0.05, 0.6, H).astype(np.float32) if alibi else None
+    return q, k, v, dout, slopes

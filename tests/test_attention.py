@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import llmcore
-from llmcore import ops, reference
+from llmcore import ops, positions, reference
+from helpers import attention_inputs, numerical_grad
 
 attention_ops = importlib.import_module("llmcore.ops.attention")  # the module, not the function
 
@@ -34,15 +35,6 @@ def _rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     diff = np.linalg.norm(a - b)
     return 0.0 if diff == 0 else float(diff / max(np.linalg.norm(b), 1e-30))
-
-
-def _inputs(rng, B, T, S, H, Hkv, D, alibi):
-    q = rng.standard_normal((B, T, H, D)).astype(np.float32)
-    k = rng.standard_normal((B, S, Hkv, D)).astype(np.float32)
-    v = rng.standard_normal((B, S, Hkv, D)).astype(np.float32)
-    dout = rng.standard_normal((B, T, H, D)).astype(np.float32)
-    slopes = rng.uniform(0.05, 0.6, H).astype(np.float32) if alibi else None
-    return q, k, v, dout, slopes
 
 
 def _f64(*xs):
@@ -98,21 +90,21 @@ SHAPES = [
 def test_matches_float64_reference(shape, causal, alibi):
     B, T, S, H, Hkv, D = shape
     rng = np.random.default_rng(abs(hash((shape, causal, alibi))) % 2**32)
-    q, k, v, dout, slopes = _inputs(rng, B, T, S, H, Hkv, D, alibi)
+    q, k, v, dout, slopes = attention_inputs(rng, B, T, S, H, Hkv, D, alibi)
     _check_against_reference(q, k, v, dout, causal=causal, alibi_slopes=slopes)
 
 
 @pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
 def test_more_queries_than_keys_without_mask(alibi):
     rng = np.random.default_rng(11)
-    q, k, v, dout, slopes = _inputs(rng, 1, 70, 20, 2, 2, 17, alibi)
+    q, k, v, dout, slopes = attention_inputs(rng, 1, 70, 20, 2, 2, 17, alibi)
     _check_against_reference(q, k, v, dout, causal=False, alibi_slopes=slopes)
 
 
 def test_explicit_scale_and_large_scores():
     """Scores in the hundreds: the online softmax must rescale without overflow."""
     rng = np.random.default_rng(12)
-    q, k, v, dout, _ = _inputs(rng, 2, 90, 150, 4, 2, 32, False)
+    q, k, v, dout, _ = attention_inputs(rng, 2, 90, 150, 4, 2, 32, False)
     _check_against_reference(q, k, v, dout, causal=True, scale=20.0)
     _check_against_reference(q, k, v, dout, causal=False, scale=-3.0)
     # Three queries take the per-row decoding path, whose dot products add in another order than
@@ -128,7 +120,7 @@ def test_every_simd_level(simd):
         llmcore.set_simd(simd)
         for B, T, S, H, Hkv, D in [(1, 65, 70, 4, 2, 64), (1, 5, 33, 2, 1, 19), (2, 1, 9, 2, 2, 8),
                                    (1, 100, 100, 2, 2, 100)]:
-            q, k, v, dout, slopes = _inputs(rng, B, T, S, H, Hkv, D, True)
+            q, k, v, dout, slopes = attention_inputs(rng, B, T, S, H, Hkv, D, True)
             _check_against_reference(q, k, v, dout, causal=True, alibi_slopes=slopes)
             _check_against_reference(q, k, v, dout, causal=False)
     finally:
@@ -143,7 +135,7 @@ def test_thread_counts_and_both_backward_schemes():
     before = llmcore.get_num_threads()
     try:
         for shape in [(1, 150, 150, 4, 1, 64), (1, 100, 130, 3, 1, 20), (2, 80, 80, 4, 2, 32)]:
-            q, k, v, dout, slopes = _inputs(rng, *shape, True)
+            q, k, v, dout, slopes = attention_inputs(rng, *shape, True)
             results = {}
             for n in (1, 2, 4):
                 llmcore.set_num_threads(n)
@@ -198,7 +190,7 @@ def test_decoding_one_token_at_a_time_matches_the_full_pass():
     keys (T = 1, S = i + 1), and a chunk of 5 queries against all N keys equals its last rows."""
     rng = np.random.default_rng(16)
     B, N, H, Hkv, D = 2, 40, 4, 2, 32
-    q, k, v, _, slopes = _inputs(rng, B, N, N, H, Hkv, D, True)
+    q, k, v, _, slopes = attention_inputs(rng, B, N, N, H, Hkv, D, True)
     out, lse = ops.attention(q, k, v, alibi_slopes=slopes)
     for i in range(N):
         o1, l1 = ops.attention(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], alibi_slopes=slopes)
@@ -210,7 +202,7 @@ def test_decoding_one_token_at_a_time_matches_the_full_pass():
 
 def test_nan_stays_in_its_row():
     rng = np.random.default_rng(17)
-    q, k, v, dout, _ = _inputs(rng, 1, 80, 80, 2, 2, 16, False)
+    q, k, v, dout, _ = attention_inputs(rng, 1, 80, 80, 2, 2, 16, False)
     q[0, 30, 1, 3] = np.nan
     out, lse = ops.attention(q, k, v)
     assert np.isnan(out[0, 30, 1]).all() and np.isnan(lse[0, 1, 30])
@@ -224,7 +216,7 @@ def test_nan_stays_in_its_row():
 
 def test_empty_query_axis():
     rng = np.random.default_rng(18)
-    q, k, v, dout, _ = _inputs(rng, 2, 0, 5, 2, 1, 8, False)
+    q, k, v, dout, _ = attention_inputs(rng, 2, 0, 5, 2, 1, 8, False)
     out, lse = ops.attention(q, k, v)
     assert out.shape == (2, 0, 2, 8) and lse.shape == (2, 2, 0)
     dq, dk, dv = ops.attention_backward(dout, q, k, v, out, lse)
@@ -233,32 +225,24 @@ def test_empty_query_axis():
 
 # --- the reference on its own -------------------------------------------------------------------
 
-@pytest.mark.parametrize("causal,alibi,Hkv", [(True, False, 3), (True, True, 1), (False, True, 3), (False, False, 1)])
-def test_reference_backward_matches_finite_differences(causal, alibi, Hkv):
+@pytest.mark.parametrize("causal,alibi,Hkv,rope", [(True, False, 3, False), (True, True, 1, False), (False, True, 3, False),
+                                                  (False, False, 1, False), (True, True, 1, True), (False, True, 3, True)])
+def test_reference_backward_matches_finite_differences(causal, alibi, Hkv, rope):
+    """With rope, dq and dk are the gradients for the unrotated q and k: the direction of the
+    backward rotation is checked here, against the loss itself."""
     rng = np.random.default_rng(19)
     B, T, S, H, D = 1, 3, 5, 3, 4
     q, k, v, dout, slopes = (x if x is None else x.astype(np.float64)
-                             for x in _inputs(rng, B, T, S, H, Hkv, D, alibi))
-    kw = dict(causal=causal, alibi_slopes=slopes)
+                             for x in attention_inputs(rng, B, T, S, H, Hkv, D, alibi))
+    kw = dict(causal=causal, alibi_slopes=slopes, rope=positions.rope_tables(S, D) if rope else None)
     out, lse = reference.attention(q, k, v, **kw)
     grads = reference.attention_backward(dout, q, k, v, out, lse, **kw)
 
-    def loss(q_, k_, v_):
-        return float((reference.attention(q_, k_, v_, **kw)[0] * dout).sum())
+    def out_of(which):  # out as a function of q, k or v alone, the other two fixed
+        return lambda x: reference.attention(*[x if i == which else a for i, a in enumerate((q, k, v))], **kw)[0]
 
-    eps = 1e-6
     for which, grad in enumerate(grads):
-        args = [q.copy(), k.copy(), v.copy()]
-        x = args[which]
-        fd = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            keep = x[idx]
-            x[idx] = keep + eps
-            up = loss(*args)
-            x[idx] = keep - eps
-            down = loss(*args)
-            x[idx] = keep
-            fd[idx] = (up - down) / (2 * eps)
+        fd = numerical_grad(out_of(which), (q, k, v)[which].copy(), dout)
         assert _rel_err(grad, fd) < 1e-7, f"{'qkv'[which]}: reference gradient vs finite differences"
 
 
@@ -266,7 +250,7 @@ def test_reference_matches_plain_formulas():
     """GQA equals MHA on explicitly repeated heads; lse is log-sum-exp of the masked scores."""
     rng = np.random.default_rng(20)
     B, T, S, H, Hkv, D = 2, 4, 6, 4, 2, 3
-    q, k, v, dout, slopes = (x.astype(np.float64) for x in _inputs(rng, B, T, S, H, Hkv, D, True))
+    q, k, v, dout, slopes = (x.astype(np.float64) for x in attention_inputs(rng, B, T, S, H, Hkv, D, True))
     out, lse = reference.attention(q, k, v, alibi_slopes=slopes)
     kr, vr = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
     out_r, lse_r = reference.attention(q, kr, vr, alibi_slopes=slopes)
@@ -289,7 +273,7 @@ def test_reference_matches_plain_formulas():
 
 def _good(B=2, T=5, S=7, H=4, Hkv=2, D=8):
     rng = np.random.default_rng(21)
-    return _inputs(rng, B, T, S, H, Hkv, D, True)
+    return attention_inputs(rng, B, T, S, H, Hkv, D, True)
 
 
 def _bad_forward_cases():
@@ -485,7 +469,7 @@ def test_backward_writes_into_fused_gradient_views(B, T, H, Hkv, D, causal):
     """The same bits as fresh gradients, in every slice of (B, T, H + 2 Hkv, D), nothing outside
     them touched. (B=1, Hkv=1 has too few (batch, kv head) pairs for the one-pass scheme.)"""
     rng = np.random.default_rng(11)
-    q, k, v, dout, _ = _inputs(rng, B, T, T, H, Hkv, D, False)
+    q, k, v, dout, _ = attention_inputs(rng, B, T, T, H, Hkv, D, False)
     out, lse = ops.attention(q, k, v, causal=causal)
     fresh = ops.attention_backward(dout, q, k, v, out, lse, causal=causal)
     fused = np.full((B, T, H + 2 * Hkv + 1, D), 7.0, np.float32)  # one spare head: must stay 7
@@ -503,7 +487,7 @@ def test_backward_writes_into_fused_gradient_views(B, T, H, Hkv, D, causal):
 
 def test_backward_gradient_outputs_are_checked():
     rng = np.random.default_rng(12)
-    q, k, v, dout, _ = _inputs(rng, 1, 8, 8, 2, 1, 16, False)
+    q, k, v, dout, _ = attention_inputs(rng, 1, 8, 8, 2, 1, 16, False)
     out, lse = ops.attention(q, k, v)
     grads = [np.zeros_like(a) for a in (q, k, v)]
     call = lambda dq, dk, dv: ops.attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv)

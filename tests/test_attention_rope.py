@@ -18,7 +18,7 @@ import pytest
 
 import llmcore
 from llmcore import ops, positions, reference
-from helpers import rel_err
+from helpers import attention_inputs, rel_err
 
 # The subprocess imports the same llmcore as this process (installed or in-tree).
 _PYTHONPATH = os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(llmcore.__file__)),
@@ -27,15 +27,6 @@ _PYTHONPATH = os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(llmcor
 # float32 kernel against the float64 composition; fused against the unfused float32 kernels.
 TOL64 = 1e-4
 TOL_UNFUSED = 2e-5
-
-
-def _inputs(rng, B, T, S, H, Hkv, D, alibi=False):
-    q = rng.standard_normal((B, T, H, D)).astype(np.float32)
-    k = rng.standard_normal((B, S, Hkv, D)).astype(np.float32)
-    v = rng.standard_normal((B, S, Hkv, D)).astype(np.float32)
-    dout = rng.standard_normal((B, T, H, D)).astype(np.float32)
-    slopes = rng.uniform(0.05, 0.6, H).astype(np.float32) if alibi else None
-    return q, k, v, dout, slopes
 
 
 def _table(S, D):
@@ -134,13 +125,13 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-S{}-H{}-Hkv{}-D{}".format(*s))
 def test_fused_rope_matches_composition(rng, shape, causal, alibi):
     B, T, S, H, Hkv, D = shape
-    q, k, v, dout, slopes = _inputs(rng, B, T, S, H, Hkv, D, alibi)
+    q, k, v, dout, slopes = attention_inputs(rng, B, T, S, H, Hkv, D, alibi)
     _check(q, k, v, dout, _table(S, D), causal=causal, alibi_slopes=slopes)
 
 
 def test_rope_changes_the_result(rng):
     """Guards the comparisons above: with rope the result is not attention on the unrotated q, k."""
-    q, k, v, dout, _ = _inputs(rng, 1, 20, 30, 2, 1, 16)
+    q, k, v, dout, _ = attention_inputs(rng, 1, 20, 30, 2, 1, 16)
     rot = _table(30, 16)
     out, lse = ops.attention(q, k, v, rope=rot)
     plain, plain_lse = ops.attention(q, k, v)
@@ -151,7 +142,7 @@ def test_rope_changes_the_result(rng):
 
 
 def test_explicit_scale(rng):
-    q, k, v, dout, slopes = _inputs(rng, 2, 40, 60, 4, 2, 16, True)
+    q, k, v, dout, slopes = attention_inputs(rng, 2, 40, 60, 4, 2, 16, True)
     _check(q, k, v, dout, _table(60, 16), causal=True, alibi_slopes=slopes, scale=0.7)
 
 
@@ -190,7 +181,7 @@ def test_decoding_token_by_token_matches_full_pass(rng):
     """Query i of a causal rope pass over N tokens equals decoding token i alone (T=1) against the
     first i + 1 keys with the first i + 1 table rows; a chunk of the last 5 queries equals its rows."""
     B, N, H, Hkv, D = 2, 40, 4, 2, 32
-    q, k, v, _, slopes = _inputs(rng, B, N, N, H, Hkv, D, True)
+    q, k, v, _, slopes = attention_inputs(rng, B, N, N, H, Hkv, D, True)
     rot = _table(N, D)
     out, lse = ops.attention(q, k, v, alibi_slopes=slopes, rope=rot)
     for i in range(N):
@@ -212,7 +203,7 @@ def test_backward_schemes_and_thread_counts(rng, threads, shape):
     """At 1 thread (one pass) and 2 threads (two passes for B=1, Hkv=1, one pass for B=2, Hkv=2):
     each matches the composition, the thread counts agree, and a repeated call is bitwise equal."""
     B, T, S, H, Hkv, D = shape
-    q, k, v, dout, slopes = _inputs(rng, B, T, S, H, Hkv, D, True)
+    q, k, v, dout, slopes = attention_inputs(rng, B, T, S, H, Hkv, D, True)
     rot = _table(S, D)
     results = {}
     for n in (1, 2):
@@ -229,7 +220,7 @@ def test_backward_schemes_and_thread_counts(rng, threads, shape):
 def test_every_simd_level(simd, rng):
     for B, T, S, H, Hkv, D in [(1, 3, 33, 4, 2, 64), (1, 70, 70, 2, 1, 40), (2, 1, 9, 2, 2, 16),
                                (1, 20, 20, 2, 2, 18)]:
-        q, k, v, dout, slopes = _inputs(rng, B, T, S, H, Hkv, D, True)
+        q, k, v, dout, slopes = attention_inputs(rng, B, T, S, H, Hkv, D, True)
         rot = _table(S, D)
         _check(q, k, v, dout, rot, causal=True, alibi_slopes=slopes)
         _check(q, k, v, dout, rot, causal=False)
@@ -270,7 +261,7 @@ def test_backward_into_fused_gradient_views(rng, threads, B, T, H, Hkv, D, causa
 @pytest.mark.parametrize("causal,alibi", [(True, False), (False, True)], ids=["causal", "full-alibi"])
 def test_reference_matches_composition_and_ops(rng, shape, causal, alibi):
     B, T, S, H, Hkv, D = shape
-    q, k, v, dout, slopes = _inputs(rng, B, T, S, H, Hkv, D, alibi)
+    q, k, v, dout, slopes = attention_inputs(rng, B, T, S, H, Hkv, D, alibi)
     rot = _table(S, D)
     kw = dict(causal=causal, alibi_slopes=slopes)
     exact = _composition64(q, k, v, dout, rot, **kw)
@@ -301,44 +292,14 @@ def test_reference_matches_composition_and_ops(rng, shape, causal, alibi):
         assert g is a and np.array_equal(a, b), name
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_reference_rope_backward_matches_finite_differences(rng, causal):
-    """dq, dk of the reference with rope= are gradients of the loss with respect to the UNROTATED
-    q and k (this checks the direction of the backward rotation without the composition helpers)."""
-    B, T, S, H, Hkv, D = 1, 3, 5, 2, 1, 4
-    q, k, v, dout, slopes = (x.astype(np.float64) for x in _inputs(rng, B, T, S, H, Hkv, D, True))
-    rot = _table(S, D)
-    kw = dict(causal=causal, alibi_slopes=slopes, rope=rot)
-    out, lse = reference.attention(q, k, v, **kw)
-    grads = reference.attention_backward(dout, q, k, v, out, lse, **kw)
-
-    def loss(q_, k_, v_):
-        return float((reference.attention(q_, k_, v_, **kw)[0] * dout).sum())
-
-    eps = 1e-6
-    for which, grad in enumerate(grads):
-        args = [q.copy(), k.copy(), v.copy()]
-        x = args[which]
-        fd = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            keep = x[idx]
-            x[idx] = keep + eps
-            up = loss(*args)
-            x[idx] = keep - eps
-            down = loss(*args)
-            x[idx] = keep
-            fd[idx] = (up - down) / (2 * eps)
-        assert rel_err(grad, fd) < 1e-7, f"{'qkv'[which]}: reference gradient vs finite differences"
-
-
 # --- bad input ----------------------------------------------------------------------------------
 
 def _bad_rope_cases():
     rng = np.random.default_rng(21)
     B, T, S, H, Hkv, D = 2, 5, 7, 4, 2, 8
-    q, k, v, dout, _ = _inputs(rng, B, T, S, H, Hkv, D)
+    q, k, v, dout, _ = attention_inputs(rng, B, T, S, H, Hkv, D)
     rot = _table(S, D)
-    q7, k7, v7, dout7, _ = _inputs(rng, B, T, S, H, Hkv, 7)
+    q7, k7, v7, dout7, _ = attention_inputs(rng, B, T, S, H, Hkv, 7)
     return q, k, v, dout, {
         "rows-short": (q, k, v, dout, np.ascontiguousarray(rot[:S - 1])),
         "rows-T": (q, k, v, dout, np.ascontiguousarray(rot[:T])),          # one row per query is not enough
@@ -376,7 +337,7 @@ def test_noncontiguous_table_is_right_or_refused(rng):
     """A (S, D/2) complex64 view that is not C-contiguous (every other column of a wider table)
     must either be refused with a ValueError naming rope or read through correctly."""
     B, T, S, H, Hkv, D = 1, 9, 20, 2, 1, 16
-    q, k, v, dout, _ = _inputs(rng, B, T, S, H, Hkv, D)
+    q, k, v, dout, _ = attention_inputs(rng, B, T, S, H, Hkv, D)
     wide = rng.standard_normal((S, D)) + 1j * rng.standard_normal((S, D))
     wide = (wide / np.abs(wide)).astype(np.complex64)  # unit rotations
     view = wide[:, ::2]
@@ -426,7 +387,7 @@ def test_more_queries_than_keys_is_refused():
 
 
 def test_empty_inputs_with_rope(rng):
-    q, k, v, dout, _ = _inputs(rng, 2, 0, 5, 2, 1, 8)
+    q, k, v, dout, _ = attention_inputs(rng, 2, 0, 5, 2, 1, 8)
     rot = _table(5, 8)
     out, lse = ops.attention(q, k, v, rope=rot)
     assert out.shape == (2, 0, 2, 8) and lse.shape == (2, 2, 0)
