@@ -531,10 +531,31 @@ struct Grads {
     float* dv_row(int64_t b, int64_t j, int64_t hk) const { return row_at(dv, s.dv_strides, b, j, hk); }
 };
 
+// The Q rows (rotated with RoPE) and dout rows of every query head of kv head hk, copied once for
+// all its key blocks: pair[((h - hk G) T + i) Dp + d] for q, the same G T Dp floats later for
+// dout (zero lanes past D). Copied per tile pair instead, a query block's rows were copied again
+// by every key block that sees it: 36 times instead of 8 per head at T = 512, 20% of the backward.
+int64_t pair_rows_floats(const AttentionShape& s, int64_t G) { return 2 * G * s.T * round_up(s.D, VEC); }
+constexpr int64_t kPairRowsMax = int64_t(1) << 17;  // floats: 512 KiB
+void copy_pair_rows(float* pair, const Problem& P, const Grads& g, int64_t b, int64_t hk) {
+    const AttentionShape& s = P.s;
+    const int64_t T = s.T, D = s.D, Dp = round_up(D, VEC);
+    for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
+        float* q = pair + (h - hk * P.G) * T * Dp;
+        P.load_rows(q, Dp, P.q_row(b, 0, h), s.q_strides[1], T, P.off, 1.0f, true);
+        float* dout = q + P.G * T * Dp;
+        for (int64_t i = 0; i < T; ++i) {
+            copy_row(dout + i * Dp, g.dout + ((b * T + i) * s.H + h) * D, D);
+            for (int64_t d = D; d < Dp; ++d) dout[i * Dp + d] = 0.0f;
+        }
+    }
+}
+
 // dK and dV of keys [j0, j0 + nk) of kv head hk (all G query heads, every query block that sees
-// them), written to dk/dv; with_dq also adds dS K into dq (the caller owns those dq rows).
+// them), written to dk/dv; with_dq also adds dS K into dq (the caller owns those dq rows). pair:
+// copy_pair_rows's rows, or null to copy each query block's rows here.
 void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j0, bool with_dq,
-              float* scratch) {
+              const float* pair, float* scratch) {
     const AttentionShape& s = P.s;
     const int64_t D = s.D, T = s.T, H = s.H, nk = std::min(BK, s.S - j0), kl = round_up(nk, VEC);
     const int64_t qs = s.q_strides[1], ks = s.k_strides[1], HD = H * D;
@@ -584,8 +605,14 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             const int64_t nq = std::min(BQ, T - i0), p0 = P.off + i0;
             const float* lp = g.lse + (b * H + h) * T + i0;
             const float* dlp = g.delta + (b * H + h) * T + i0;
-            P.load_rows(qc, Dp, P.q_row(b, i0, h), qs, nq, p0, 1.0f, true);
-            copy_rows(dc, g.dout + ((b * T + i0) * H + h) * D, HD, nq);
+            const float *qrows = qc, *drows = dc;
+            if (pair) {
+                qrows = pair + ((h - hk * P.G) * T + i0) * Dp;
+                drows = qrows + P.G * T * Dp;
+            } else {
+                P.load_rows(qc, Dp, P.q_row(b, i0, h), qs, nq, p0, 1.0f, true);
+                copy_rows(dc, g.dout + ((b * T + i0) * H + h) * D, HD, nq);
+            }
 
             // S (nq x kl) = Q Kt and dP (nq x kl) = dO Vt; then in one pass over both tiles
             // P = exp(S scale + bias - lse) (0 where masked or past the last key) and
@@ -593,8 +620,8 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             // On a diagonal tile only keys j0 + j <= p0 + i are computed; the rest is masked below.
             const bool mask = P.causal && j0 + nk - 1 > p0;
             const Band below = mask ? Band{Band::kLanesBelow, p0 - j0} : Band{};
-            tile_gemm(pb, kl, qc, Dp, 1, kt, kl, nq, D, kl, false, nullptr, below);
-            tile_gemm(dsb, kl, dc, Dp, 1, vt, kl, nq, D, kl, false, nullptr, below);
+            tile_gemm(pb, kl, qrows, Dp, 1, kt, kl, nq, D, kl, false, nullptr, below);
+            tile_gemm(dsb, kl, drows, Dp, 1, vt, kl, nq, D, kl, false, nullptr, below);
             for (int64_t i = 0; i < nq; ++i) {
                 float* prow = pb + i * kl;
                 float* drow = dsb + i * kl;
@@ -612,8 +639,8 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             // dV (nk x Dp) += P^T dO;  dK (nk x Dp) += dS^T Q. On a diagonal tile key j sees
             // only queries i >= j - (p0 - j0): the terms before are zeros and are skipped.
             const Band from = mask ? Band{Band::kStepsFrom, p0 - j0} : Band{};
-            tile_gemm(dvb, Dp, pb, 1, kl, dc, Dp, nk, nq, Dp, !first, nullptr, from);
-            tile_gemm(dkb, Dp, dsb, 1, kl, qc, Dp, nk, nq, Dp, !first, nullptr, from);
+            tile_gemm(dvb, Dp, pb, 1, kl, drows, Dp, nk, nq, Dp, !first, nullptr, from);
+            tile_gemm(dkb, Dp, dsb, 1, kl, qrows, Dp, nk, nq, Dp, !first, nullptr, from);
             first = false;
             if (with_dq) {
                 // dQ (nq x D) += dS (nq x nk) K (nk x D), lanes along D.
@@ -787,14 +814,22 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     const int64_t threads = max_threads();
     const bool one_pass = 5 * ceil_div(pairs, threads) * threads <= 7 * pairs;
     if (one_pass) {
+        // The pair's Q and dout rows are copied once per task while they fit in a quarter of
+        // L2 (G T <= 1024 at D = 64) and there are more than two key blocks; longer sequences
+        // copy them per tile pair, and so do two key blocks (T <= 128), where copying up front
+        // saves one copy in three and was 2% slower in the cpu-small training step, measured.
+        const int64_t pair_floats = pair_rows_floats(shape, P.G);
+        const bool copy_pair = pair_floats <= kPairRowsMax && nkb > 2;
 #pragma omp parallel
         {
-            float* scratch = tls_scratch.get(scratch_floats);
+            float* scratch = tls_scratch.get(scratch_floats + (copy_pair ? pair_floats : 0));
+            float* pair = copy_pair ? scratch + scratch_floats : nullptr;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < pairs; ++t) {
                 const int64_t b = t / Hkv, hk = t % Hkv;
+                if (pair) copy_pair_rows(pair, P, g, b, hk);
                 // Key block 0 writes this pair's dq rows (every query sees key 0), the rest add.
-                for (int64_t kb = 0; kb < nkb; ++kb) kv_block(P, g, b, hk, kb * BK, true, scratch);
+                for (int64_t kb = 0; kb < nkb; ++kb) kv_block(P, g, b, hk, kb * BK, true, pair, scratch);
                 if (rope)  // the pair's finished dq rows, rotated back while they are in cache
                     for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h)
                         P.load_rows(g.dq_row(b, 0, h), shape.dq_strides[1], g.dq_row(b, 0, h),
@@ -811,7 +846,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < pairs * nkb; ++t) {
             const int64_t kb = t / pairs, b = t % pairs / Hkv, hk = t % Hkv;
-            kv_block(P, g, b, hk, kb * BK, false, scratch);
+            kv_block(P, g, b, hk, kb * BK, false, nullptr, scratch);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < B * H * nqb; ++t) {
