@@ -33,13 +33,16 @@ constexpr int NR = 2 * VEC;
 // A KC x NR micro-panel of B stays in L1 (32 KiB at AVX-512, 16 KiB at AVX2) while the MC/MR
 // A micro-panels stream past it from L2.
 constexpr int64_t KC = 256;
-// A MC x KC block of A (48-96 KiB) per task. Small row blocks make many tasks (22 for the 2048
-// tokens of a cpu-small batch), so the dynamic schedule evens out the threads at each GEMM's end
-// barrier; with 24 * MR rows (8 tasks) a thread sat idle for up to half a task per GEMM in the
-// training step. Measured in that step, alternating builds: its GEMMs took 140.5 ms at 8 * MR
-// against 145.6 at 24 * MR (142 at 6 * MR and 12 * MR, 143 at 4 * MR); 2048^3 and 4096 x 768 x
-// 3072 alone were unchanged within their noise.
-constexpr int64_t MC = MR * 8;
+// Rows of A per task: a MC x KC block of A (up to 288 KiB) in L2. Where the packed B panel fits
+// in L2, small row blocks of MC_SMALL rows make many tasks (22 for the 2048 tokens of a cpu-small
+// batch), so the dynamic schedule evens out the threads at each GEMM's end barrier; with 24 * MR
+// rows (8 tasks) a thread sat idle for up to half a task per GEMM in the training step (its GEMMs:
+// 140.5 ms at 8 * MR against 145.6 at 24 * MR, alternating builds; 142 at 6 and 12, 143 at 4).
+// A larger B panel streams from L3 once per task, so there fewer, larger tasks win: the vocabulary
+// projection 512 x 768 -> 50257 took 170 ms with 8 * MR rows against 149 with 24 * MR.
+constexpr int64_t MC = MR * 24;
+constexpr int64_t MC_SMALL = MR * 8;
+constexpr int64_t kSmallPackedB = 1 << 18;  // floats (1 MiB): "fits in L2" for MC_SMALL
 constexpr int64_t NC = 4096;  // the widest B panel
 constexpr int64_t kPackedB = 1 << 21;  // floats of packed B (8 MiB), shared in L3
 constexpr int64_t kInPlaceMaxN = 512;  // the widest C for which A is read without packing
@@ -255,7 +258,8 @@ void gemm_one(float* c, const float* a, const float* b, const float* bias, const
             // for a straggler (2048 rows as 7 blocks of 288 and one of 32 left one of two
             // threads idle 12% of the time).
             const int64_t units = ceil_div(M, MR);  // MR-row micro-panels of A
-            const int64_t row_blocks = std::min(units, ceil_div(ceil_div(units, MC / MR), threads) * threads);
+            const int64_t mc_units = ((k1 - k0) * nc <= kSmallPackedB ? MC_SMALL : MC) / MR;
+            const int64_t row_blocks = std::min(units, ceil_div(ceil_div(units, mc_units), threads) * threads);
             const int64_t groups = std::min(panels, ceil_div(2 * threads, row_blocks));
 #pragma omp for schedule(dynamic, 1)
             for (int64_t task = 0; task < row_blocks * groups; ++task) {
