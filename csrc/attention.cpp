@@ -241,6 +241,14 @@ inline void copy_row(float* __restrict dst, const float* __restrict src, int64_t
     for (; i < n; ++i) dst[i] = src[i];
 }
 
+// n rows of D floats (row i at src + i*stride) into dst (row stride ld >= D), lanes D..ld zeroed.
+inline void copy_rows_padded(float* dst, int64_t ld, const float* src, int64_t stride, int64_t n, int64_t D) {
+    for (int64_t i = 0; i < n; ++i) {
+        copy_row(dst + i * ld, src + i * stride, D);
+        for (int64_t d = D; d < ld; ++d) dst[i * ld + d] = 0.0f;
+    }
+}
+
 // Row (b, i, h) of a (B, L, heads, D) view with the given (batch, seq, head) strides.
 template <class T>
 inline T* row_at(T* base, const int64_t (&strides)[3], int64_t b, int64_t i, int64_t h) {
@@ -262,19 +270,13 @@ struct Problem {
     const float* k_row(int64_t b, int64_t j, int64_t hk) const { return row_at(k, s.k_strides, b, j, hk); }
     const float* v_row(int64_t b, int64_t j, int64_t hk) const { return row_at(v, s.v_strides, b, j, hk); }
     float slope(int64_t h) const { return alibi ? alibi[h] : 0.0f; }
-    // n rows of D floats (row i at src + i*stride, at position pos0 + i) into dst (row stride ld):
-    // rotated by RoPE (sign -1: rotated back, the backward) when the problem has a table, else
-    // copied. Lanes D..ld of each row are zeroed when zero_pad.
-    void load_rows(float* dst, int64_t ld, const float* src, int64_t stride, int64_t n, int64_t pos0,
-                   float sign = 1.0f, bool zero_pad = false) const {
-        const int64_t D = s.D;
+    // n rows of q or k (row i at src + i*stride, at position pos0 + i) into scratch dst (row
+    // stride ld >= D, lanes D..ld zeroed): rotated by RoPE when the problem has a table, else copied.
+    void load_rows(float* dst, int64_t ld, const float* src, int64_t stride, int64_t n, int64_t pos0) const {
+        if (!rot) return copy_rows_padded(dst, ld, src, stride, n, s.D);
         for (int64_t i = 0; i < n; ++i) {
-            if (rot)
-                rope_row(dst + i * ld, src + i * stride, rot + (pos0 + i) * D, D / 2, sign);
-            else
-                copy_row(dst + i * ld, src + i * stride, D);
-            if (zero_pad)
-                for (int64_t d = D; d < ld; ++d) dst[i * ld + d] = 0.0f;
+            rope_row(dst + i * ld, src + i * stride, rot + (pos0 + i) * s.D, s.D / 2, 1.0f);
+            for (int64_t d = s.D; d < ld; ++d) dst[i * ld + d] = 0.0f;
         }
     }
     // Rows [i0, i0 + n) of query head h / keys [j0, j0 + n) of kv head hk as a product reads
@@ -284,6 +286,13 @@ struct Problem {
     }
     const float* k_rows(int64_t b, int64_t j0, int64_t n, int64_t hk, float* scratch, int64_t* stride) const {
         return rows_for_product(k_row(b, j0, hk), s.k_strides[1], n, j0, scratch, stride);
+    }
+    // n rows in place (row i at rows + i*stride, position pos0 + i) rotated back by RoPE: the
+    // backward of a rotation the kernels applied as they read q or k. Nothing without a table.
+    void rotate_back(float* rows, int64_t stride, int64_t n, int64_t pos0) const {
+        if (!rot) return;
+        for (int64_t i = 0; i < n; ++i)
+            rope_row(rows + i * stride, rows + i * stride, rot + (pos0 + i) * s.D, s.D / 2, -1.0f);
     }
     const float* rows_for_product(const float* src, int64_t src_stride, int64_t n, int64_t pos0,
                                   float* scratch, int64_t* stride) const {
@@ -542,12 +551,8 @@ void copy_pair_rows(float* pair, const Problem& P, const Grads& g, int64_t b, in
     const int64_t T = s.T, D = s.D, Dp = round_up(D, VEC);
     for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
         float* q = pair + (h - hk * P.G) * T * Dp;
-        P.load_rows(q, Dp, P.q_row(b, 0, h), s.q_strides[1], T, P.off, 1.0f, true);
-        float* dout = q + P.G * T * Dp;
-        for (int64_t i = 0; i < T; ++i) {
-            copy_row(dout + i * Dp, g.dout + ((b * T + i) * s.H + h) * D, D);
-            for (int64_t d = D; d < Dp; ++d) dout[i * Dp + d] = 0.0f;
-        }
+        P.load_rows(q, Dp, P.q_row(b, 0, h), s.q_strides[1], T, P.off);
+        copy_rows_padded(q + P.G * T * Dp, Dp, g.dout + (b * T * s.H + h) * D, s.H * D, T, D);
     }
 }
 
@@ -579,20 +584,13 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
     float* dc = qc + BQ * Dp;      // (nq, Dp)  dout rows
     float* dqpad = dc + BQ * Dp;   // (nq, Dp)  dq rows (odd D only)
 
-    // rows x D floats (row i at src + i*stride) -> dst (rows x Dp), zero lanes past D.
-    auto copy_rows = [D, Dp](float* dst, const float* src, int64_t stride, int64_t rows) {
-        for (int64_t i = 0; i < rows; ++i) {
-            copy_row(dst + i * Dp, src + i * stride, D);
-            for (int64_t d = D; d < Dp; ++d) dst[i * Dp + d] = 0.0f;
-        }
-    };
     const float* kb = P.k_row(b, j0, hk);
     if (P.rot) {  // K^T from the rotated rows
-        P.load_rows(kpad, Dp, kb, ks, nk, j0, 1.0f, true);
+        P.load_rows(kpad, Dp, kb, ks, nk, j0);
         transpose_in(kt, kl, kpad, Dp, nk, D);
     } else {
         transpose_in(kt, kl, kb, ks, nk, D);
-        if (with_dq) copy_rows(kpad, kb, ks, nk);
+        if (with_dq) copy_rows_padded(kpad, Dp, kb, ks, nk, D);
     }
     transpose_in(vt, kl, P.v_row(b, j0, hk), s.v_strides[1], nk, D);
 
@@ -610,8 +608,8 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
                 qrows = pair + ((h - hk * P.G) * T + i0) * Dp;
                 drows = qrows + P.G * T * Dp;
             } else {
-                P.load_rows(qc, Dp, P.q_row(b, i0, h), qs, nq, p0, 1.0f, true);
-                copy_rows(dc, g.dout + ((b * T + i0) * H + h) * D, HD, nq);
+                P.load_rows(qc, Dp, P.q_row(b, i0, h), qs, nq, p0);
+                copy_rows_padded(dc, Dp, g.dout + ((b * T + i0) * H + h) * D, HD, nq, D);
             }
 
             // S (nq x kl) = Q Kt and dP (nq x kl) = dO Vt; then in one pass over both tiles
@@ -652,7 +650,7 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
                 if (dq_direct) {
                     tile_gemm(dqp, dqs, dsb, kl, 1, kpad, Dp, nq, nk, D, add, nullptr, steps);
                 } else {
-                    if (add) copy_rows(dqpad, dqp, dqs, nq);  // (an overwrite writes every lane)
+                    if (add) copy_rows_padded(dqpad, Dp, dqp, dqs, nq, D);  // (an overwrite writes every lane)
                     tile_gemm(dqpad, Dp, dsb, kl, 1, kpad, Dp, nq, nk, Dp, add, nullptr, steps);
                     for (int64_t i = 0; i < nq; ++i)
                         copy_row(dqp + i * dqs, dqpad + i * Dp, D);
@@ -667,8 +665,9 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
             std::fill(dkr, dkr + D, 0.0f);
             std::fill(dvr, dvr + D, 0.0f);
         } else {
-            P.load_rows(dkr, D, dkb + j * Dp, Dp, 1, j0 + j, -1.0f);  // (rotated back with RoPE)
+            copy_row(dkr, dkb + j * Dp, D);
             copy_row(dvr, dvb + j * Dp, D);
+            P.rotate_back(dkr, D, 1, j0 + j);
         }
     }
 }
@@ -719,7 +718,7 @@ void dq_block(const Problem& P, const Grads& g, int64_t b, int64_t h, int64_t i0
         tile_gemm(dqt, W, kb, 1, ks, dst, W, D, nk, W, true);
     }
     transpose_out(g.dq_row(b, i0, h), s.dq_strides[1], dqt, W, nq, D, nullptr);
-    if (P.rot) P.load_rows(g.dq_row(b, i0, h), s.dq_strides[1], g.dq_row(b, i0, h), s.dq_strides[1], nq, p0, -1.0f);
+    P.rotate_back(g.dq_row(b, i0, h), s.dq_strides[1], nq, p0);
 }
 
 }  // namespace
@@ -830,10 +829,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                 if (pair) copy_pair_rows(pair, P, g, b, hk);
                 // Key block 0 writes this pair's dq rows (every query sees key 0), the rest add.
                 for (int64_t kb = 0; kb < nkb; ++kb) kv_block(P, g, b, hk, kb * BK, true, pair, scratch);
-                if (rope)  // the pair's finished dq rows, rotated back while they are in cache
-                    for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h)
-                        P.load_rows(g.dq_row(b, 0, h), shape.dq_strides[1], g.dq_row(b, 0, h),
-                                    shape.dq_strides[1], T, P.off, -1.0f);
+                // The pair's finished dq rows, rotated back (RoPE) while they are in cache.
+                for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h)
+                    P.rotate_back(g.dq_row(b, 0, h), shape.dq_strides[1], T, P.off);
             }
         }
         return;

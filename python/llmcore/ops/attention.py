@@ -105,15 +105,17 @@ def _check_rope(rope, q, k):
     return xp.ascontiguousarray(rope)
 
 
-def _rotated(q, k, rope):
-    """q and k rotated into fresh arrays (queries at positions S - T + i): the CUDA core has no
-    fused RoPE, so on CuPy the rotation runs before it."""
+def _rope_qk(q, k, rope, *, back=False, out=None):
+    """q and k (queries at positions S - T + i) rotated by rope, or with back=True dq and dk turned
+    back by the opposite rotation, into `out` (fresh arrays by default). The CUDA core has no fused
+    RoPE, so on CuPy the rotations run around it."""
     from .. import positions
 
     T, S = q.shape[1], k.shape[1]
     xp = chk.array_module(q)
-    return (positions.rope_forward(q, rope[S - T:], xp.empty(q.shape, np.float32)),
-            positions.rope_forward(k, rope, xp.empty(k.shape, np.float32)))
+    out = out or (xp.empty(q.shape, np.float32), xp.empty(k.shape, np.float32))
+    rotate = positions.rope_backward if back else positions.rope_forward
+    return rotate(q, rope[S - T:], out[0]), rotate(k, rope, out[1])
 
 
 def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None, rope=None):
@@ -135,7 +137,7 @@ def attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None, rope=None)
     if rope is None:
         return mod.attention_forward(q, k, v, causal, scale, alibi_slopes)
     if chk.is_cupy(q):  # the CUDA core reads rotated copies
-        return mod.attention_forward(*_rotated(q, k, rope), v, causal, scale, alibi_slopes)
+        return mod.attention_forward(*_rope_qk(q, k, rope), v, causal, scale, alibi_slopes)
     return mod.attention_forward(q, k, v, causal, scale, alibi_slopes, rope)
 
 
@@ -191,17 +193,14 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alib
         fresh = (xp.zeros(q.shape, np.float32), xp.zeros(k.shape, np.float32), xp.zeros(v.shape, np.float32))
         if dq is None:
             return fresh
-    elif chk.is_cupy(q) and rope is not None:  # the CUDA core on rotated copies, its dq, dk rotated back
-        from .. import positions
-
-        T, S = q.shape[1], k.shape[1]
-        fresh = mod.attention_backward(dout, *_rotated(q, k, rope), v, out, lse, causal, scale, alibi_slopes)
-        positions.rope_backward(fresh[0], rope[S - T:], fresh[0])
-        positions.rope_backward(fresh[1], rope, fresh[1])
+    elif chk.is_cupy(q):  # the CUDA core writes fresh contiguous gradients: copied below when given
+        if rope is None:
+            fresh = mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
+        else:  # on rotated copies of q and k, its dq and dk turned back in place
+            fresh = mod.attention_backward(dout, *_rope_qk(q, k, rope), v, out, lse, causal, scale, alibi_slopes)
+            _rope_qk(fresh[0], fresh[1], rope, back=True, out=fresh[:2])
         if dq is None:
             return fresh
-    elif dq is not None and chk.is_cupy(q):  # the CUDA core writes contiguous gradients: copied below
-        fresh = mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
     else:  # the CPU core writes into dq, dk, dv when given
         fused = () if rope is None else (rope,)
         return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, dq, dk, dv, *fused)
