@@ -39,6 +39,7 @@
 #include "aligned_buffer.h"
 #include "common.h"
 #include "kernels.h"
+#include "task_ranges.h"
 #include "transpose8.h"
 
 namespace llmcore {
@@ -754,16 +755,18 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         }
         return;
     }
+    // Tasks in (batch, head, query block) order, one contiguous range of them per thread
+    // (task_ranges.h). One head's query blocks one after another, so that its K and V (256 KiB
+    // at T = 512, D = 64) are read from L2 by every block after the first (head-minor order: 4%
+    // slower at B=4 H=8 T=512). Within a head the last blocks, which see the most keys (causal),
+    // go first: the tasks a thread steals from the back of another's range are the lightest,
+    // and the threads finish together.
     const int64_t nqb = ceil_div(T, BQ), BH = B * H;
+    TaskRanges tasks(BH * nqb, max_threads());
 #pragma omp parallel
     {
         float* scratch = tls_scratch.get(2 * D * BQ + BK * BQ + (BQ + BK) * D);
-        // One head's query blocks one after another, so that its K and V (256 KiB at T = 512,
-        // D = 64) are read from L2 by every block after the first (head-minor order: 4% slower
-        // at B=4 H=8 T=512). Within a head the last blocks, which see the most keys (causal),
-        // go first: the final tasks handed out are the lightest, and the threads finish together.
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < BH * nqb; ++t) {
+        for (int64_t t; (t = tasks.next(thread_id())) >= 0;) {
             const int64_t qb = nqb - 1 - t % nqb, b = t / nqb / H, h = t / nqb % H;
             forward_block(out, lse, P, b, h, qb * BQ, scratch);
         }
@@ -819,12 +822,12 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
         // saves one copy in three and was 2% slower in the cpu-small training step, measured.
         const int64_t pair_floats = pair_rows_floats(shape, P.G);
         const bool copy_pair = pair_floats <= kPairRowsMax && nkb > 2;
+        TaskRanges tasks(pairs, threads);  // (batch, kv head) order, a range per thread
 #pragma omp parallel
         {
             float* scratch = tls_scratch.get(scratch_floats + (copy_pair ? pair_floats : 0));
             float* pair = copy_pair ? scratch + scratch_floats : nullptr;
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < pairs; ++t) {
+            for (int64_t t; (t = tasks.next(thread_id())) >= 0;) {
                 const int64_t b = t / Hkv, hk = t % Hkv;
                 if (pair) copy_pair_rows(pair, P, g, b, hk);
                 // Key block 0 writes this pair's dq rows (every query sees key 0), the rest add.
