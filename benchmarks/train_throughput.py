@@ -87,7 +87,7 @@ def time_torch(model, device, batch, steps, warmup, tokens, precision, seed=0):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))  # synchronises, as llmcore's float(loss) does
+        losses.append(loss.item())  # synchronises, as llmcore's float(loss) does
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times, losses
