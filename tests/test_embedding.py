@@ -35,6 +35,23 @@ def test_repeated_ids_accumulate_deterministically(rng, threads):
         assert (got[3:] == 0).all()
 
 
+def test_backward_zeroes_every_row_of_a_large_reused_block(rng, threads):
+    """A vocabulary table of more than one zeroing piece (2^18 floats) plus a ragged tail, from the
+    output pool: the second call gets the first one's block back, with gradient in every row, so
+    a row left unzeroed would show."""
+    V, C = 1100, 300  # 330,000 floats: one whole piece and part of another
+    ids = rng.integers(0, 40, 512)  # the second call's gradient reaches only the first 40 rows
+    for n in (1, 2):
+        llmcore.set_num_threads(n)
+        first = ops.embedding_backward(randn(rng, (V, C)) + 5.0, np.arange(V), V)
+        assert (first != 0).all()
+        del first  # back to the pool, where the next call finds it
+        dout = randn(rng, (512, C))
+        got = ops.embedding_backward(dout, ids, V)
+        assert (got[40:] == 0).all()
+        assert_close(got, ref.embedding_backward(dout.astype(np.float64), ids, V), 1e-6)
+
+
 @given(V=st.integers(1, 200), C=st.integers(1, 200), n=st.integers(0, 300), seed=st.integers(0, 2**32 - 1))
 @settings(max_examples=30, deadline=None)
 def test_embedding_random_shapes(V, C, n, seed):
