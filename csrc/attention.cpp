@@ -801,10 +801,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
             for (int64_t h = 0; h < H; ++h) {  // (b, t, h): the row order of dout and out
                 const float* a = dout + ((b * T + t) * H + h) * D;
                 const float* o = out + ((b * T + t) * H + h) * D;
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t d = 0; d < D; ++d) sum += a[d] * o[d];
-                delta[(b * H + h) * T + t] = sum;
+                delta[(b * H + h) * T + t] = row_sum(
+                    D, [&](int64_t d) { return load(a + d) * load(o + d); },
+                    [&](int64_t d) { return a[d] * o[d]; });
             }
     const Grads g{shape, dq, dk, dv, dout, lse, delta};
 

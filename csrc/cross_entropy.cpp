@@ -35,20 +35,6 @@ inline void add_as_doubles(vdouble& acc0, vdouble& acc1, vfloat e) {
 #endif
 }
 
-// max over a row; a NaN never wins (as in x > m ? x : m), -inf for an empty or all -inf row.
-inline float row_max(const float* row, int64_t V) {
-    vfloat m = vfloat{} - INFINITY;
-    int64_t i = 0;
-    for (; i + VEC <= V; i += VEC) {
-        const vfloat x = load(row + i);
-        m = x > m ? x : m;
-    }
-    float mx = -INFINITY;
-    for (int l = 0; l < VEC; ++l) mx = m[l] > mx ? m[l] : mx;
-    for (; i < V; ++i) mx = row[i] > mx ? row[i] : mx;
-    return mx;
-}
-
 // sum over a row of exp(row[i] - shift), in double: over V = 50257 classes a float sum drifts by
 // ~1e-5 relative (the generic build has only 4 lanes), and that error lands in every dlogit.
 // Whole vectors go through vexp and are added as two halves of double lanes (the compiler's own

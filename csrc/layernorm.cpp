@@ -12,15 +12,13 @@ void layernorm_forward(float* y, float* mean, float* rstd, const float* x, const
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * C;
         float* yr = y + r * C;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < C; ++i) sum += xr[i];
+        const float sum = row_sum(C, [&](int64_t i) { return load(xr + i); }, [&](int64_t i) { return xr[i]; });
         const float m = sum / (float)C;
         // Variance from the centred values (the row is in cache): no cancellation when |mean|
         // is large next to the spread, unlike E[x^2] - E[x]^2.
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < C; ++i) ss += (xr[i] - m) * (xr[i] - m);
+        const float ss = row_sum(
+            C, [&](int64_t i) { const vfloat d = load(xr + i) - m; return d * d; },
+            [&](int64_t i) { return (xr[i] - m) * (xr[i] - m); });
         const float s = 1.0f / std::sqrt(ss / (float)C + eps);
         mean[r] = m;
         rstd[r] = s;
@@ -43,14 +41,17 @@ void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dy, c
         const float m = mean[r], s = rstd[r];
         // g = dy * weight is rounded once and kept in dx, so that g - mean(g) is exactly 0
         // where it should be (C = 1) instead of an FMA's leftover rounding error.
-        float g_sum = 0.0f, gx_sum = 0.0f;
-#pragma omp simd reduction(+ : g_sum, gx_sum)
-        for (int64_t i = 0; i < C; ++i) {
-            const float g = dyr[i] * weight[i];
-            dxr[i] = g;
-            g_sum += g;
-            gx_sum += g * (xr[i] - m) * s;
-        }
+        const float g_sum = row_sum(
+            C,
+            [&](int64_t i) {
+                const vfloat g = load(dyr + i) * load(weight + i);
+                store(dxr + i, g);
+                return g;
+            },
+            [&](int64_t i) { return dxr[i] = dyr[i] * weight[i]; });
+        const float gx_sum = row_sum(
+            C, [&](int64_t i) { return load(dxr + i) * (load(xr + i) - m) * s; },
+            [&](int64_t i) { return dxr[i] * (xr[i] - m) * s; });
         const float g_mean = g_sum / (float)C, gx_mean = gx_sum / (float)C;
 #pragma omp simd
         for (int64_t i = 0; i < C; ++i) {

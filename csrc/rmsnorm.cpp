@@ -12,9 +12,9 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* weight,
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * C;
         float* yr = y + r * C;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < C; ++i) ss += xr[i] * xr[i];
+        const float ss = row_sum(
+            C, [&](int64_t i) { const vfloat v = load(xr + i); return v * v; },
+            [&](int64_t i) { return xr[i] * xr[i]; });
         const float s = 1.0f / std::sqrt(ss / (float)C + eps);
         rstd[r] = s;
 #pragma omp simd
@@ -35,9 +35,9 @@ void rmsnorm_backward_rows(float* dx, float* dw, const float* dy, const float* x
         const float* dyr = dy + r * C;
         float* dxr = dx + r * C;
         const float s = rstd[r];
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < C; ++i) dot += dyr[i] * weight[i] * xr[i];
+        const float dot = row_sum(
+            C, [&](int64_t i) { return load(dyr + i) * load(weight + i) * load(xr + i); },
+            [&](int64_t i) { return dyr[i] * weight[i] * xr[i]; });
         const float k = s * s * s * dot / (float)C;
 #pragma omp simd
         for (int64_t i = 0; i < C; ++i) {

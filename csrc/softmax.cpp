@@ -11,17 +11,17 @@ void softmax_forward(float* y, const float* x, int64_t rows, int64_t cols) {
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * cols;
         float* yr = y + r * cols;
-        float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-        for (int64_t i = 0; i < cols; ++i) mx = xr[i] > mx ? xr[i] : mx;
+        const float mx = row_max(xr, cols);
         // A NaN anywhere must give a NaN row, as in the reference; the max above skips NaNs
-        // but exp(NaN - mx) below brings it back into the sum.
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < cols; ++i) {
-            yr[i] = fast_exp(xr[i] - mx);
-            sum += yr[i];
-        }
+        // but exp(NaN - mx) below brings it back into the sum. (vexp and fast_exp agree bitwise.)
+        const float sum = row_sum(
+            cols,
+            [&](int64_t i) {
+                const vfloat e = vexp(load(xr + i) - mx);
+                store(yr + i, e);
+                return e;
+            },
+            [&](int64_t i) { return yr[i] = fast_exp(xr[i] - mx); });
         const float inv = 1.0f / sum;
 #pragma omp simd
         for (int64_t i = 0; i < cols; ++i) yr[i] *= inv;
@@ -35,9 +35,9 @@ void softmax_backward(float* dx, const float* dy, const float* y, int64_t rows, 
         const float* dyr = dy + r * cols;
         const float* yr = y + r * cols;
         float* dxr = dx + r * cols;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < cols; ++i) dot += dyr[i] * yr[i];
+        const float dot = row_sum(
+            cols, [&](int64_t i) { return load(dyr + i) * load(yr + i); },
+            [&](int64_t i) { return dyr[i] * yr[i]; });
 #pragma omp simd
         for (int64_t i = 0; i < cols; ++i) dxr[i] = yr[i] * (dyr[i] - dot);
     }
