@@ -440,26 +440,40 @@ void row_update(RowState& r, const float* qr, const float* kb, int64_t ks, const
     int64_t j = 0;
     for (; j + 4 <= nk; j += 4) {
         const float *k0 = kb + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t d = 0; d < D; ++d) {
-            a0 += qr[d] * k0[d];
-            a1 += qr[d] * k1[d];
-            a2 += qr[d] * k2[d];
-            a3 += qr[d] * k3[d];
+        vfloat a0{}, a1{}, a2{}, a3{};
+        int64_t d = 0;
+        for (; d + VEC <= D; d += VEC) {
+            const vfloat q = load(qr + d);
+            a0 += q * load(k0 + d);
+            a1 += q * load(k1 + d);
+            a2 += q * load(k2 + d);
+            a3 += q * load(k3 + d);
         }
-        sc[j] = a0, sc[j + 1] = a1, sc[j + 2] = a2, sc[j + 3] = a3;
+        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (; d < D; ++d) {
+            s0 += qr[d] * k0[d];
+            s1 += qr[d] * k1[d];
+            s2 += qr[d] * k2[d];
+            s3 += qr[d] * k3[d];
+        }
+        sc[j] = s0, sc[j + 1] = s1, sc[j + 2] = s2, sc[j + 3] = s3;
     }
     for (; j < nk; ++j) {
         const float* kr = kb + j * ks;
-        float a = 0.0f;
-#pragma omp simd reduction(+ : a)
-        for (int64_t d = 0; d < D; ++d) a += qr[d] * kr[d];
-        sc[j] = a;
+        sc[j] = row_sum(D, [&](int64_t d) { return load(qr + d) * load(kr + d); },
+                        [&](int64_t d) { return qr[d] * kr[d]; });
     }
-    float mx = r.m;
-#pragma omp simd reduction(max : mx)
-    for (int64_t jj = 0; jj < nk; ++jj) {
+    // Scores biased and scaled in place, and their max (a NaN never wins).
+    vfloat vmx = vfloat{} - INFINITY;
+    int64_t jj = 0;
+    for (; jj + VEC <= nk; jj += VEC) {
+        const vfloat x = biased_score(load(sc + jj), scale, slope, rel0 - (lane_index() + (float)jj));
+        store(sc + jj, x);
+        vmx = x > vmx ? x : vmx;
+    }
+    float mx = hmax(vmx);
+    mx = mx > r.m ? mx : r.m;
+    for (; jj < nk; ++jj) {
         const float x = biased_score(sc[jj], scale, slope, rel0 - (float)jj);
         sc[jj] = x;
         mx = x > mx ? x : mx;
@@ -468,13 +482,14 @@ void row_update(RowState& r, const float* qr, const float* kb, int64_t ks, const
     const float alpha = fast_exp(r.m - mnew);
     r.m = mx;
     r.mu = mnew;
-    float lsum = 0.0f;
-#pragma omp simd reduction(+ : lsum)
-    for (int64_t jj = 0; jj < nk; ++jj) {
-        const float p = fast_exp(sc[jj] - mnew);
-        sc[jj] = p;
-        lsum += p;
-    }
+    const float lsum = row_sum(
+        nk,
+        [&](int64_t i) {
+            const vfloat p = vexp(load(sc + i) - mnew);
+            store(sc + i, p);
+            return p;
+        },
+        [&](int64_t i) { return sc[i] = fast_exp(sc[i] - mnew); });
     r.l = r.l * alpha + lsum;
     float* o = r.o;
     if (alpha != 1.0f) {
