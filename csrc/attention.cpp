@@ -482,14 +482,7 @@ void row_update(RowState& r, const float* qr, const float* kb, int64_t ks, const
     const float alpha = fast_exp(r.m - mnew);
     r.m = mx;
     r.mu = mnew;
-    const float lsum = row_sum(
-        nk,
-        [&](int64_t i) {
-            const vfloat p = vexp(load(sc + i) - mnew);
-            store(sc + i, p);
-            return p;
-        },
-        [&](int64_t i) { return sc[i] = fast_exp(sc[i] - mnew); });
+    const float lsum = exp_and_sum(sc, sc, nk, mnew);
     r.l = r.l * alpha + lsum;
     float* o = r.o;
     if (alpha != 1.0f) {

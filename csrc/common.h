@@ -208,5 +208,18 @@ inline vfloat vexp(vfloat x) {
     return underflow ? vfloat{} : y;
 }
 
+// y[i] = exp(x[i] - shift) for i < n (y may be x), and their sum: whole vectors through vexp,
+// the tail through fast_exp (the two agree bitwise).
+inline float exp_and_sum(float* y, const float* x, int64_t n, float shift) {
+    return row_sum(
+        n,
+        [&](int64_t i) {
+            const vfloat e = vexp(load(x + i) - shift);
+            store(y + i, e);
+            return e;
+        },
+        [&](int64_t i) { return y[i] = fast_exp(x[i] - shift); });
+}
+
 }  // namespace LLMCORE_ISA
 }  // namespace llmcore

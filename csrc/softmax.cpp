@@ -13,15 +13,8 @@ void softmax_forward(float* y, const float* x, int64_t rows, int64_t cols) {
         float* yr = y + r * cols;
         const float mx = row_max(xr, cols);
         // A NaN anywhere must give a NaN row, as in the reference; the max above skips NaNs
-        // but exp(NaN - mx) below brings it back into the sum. (vexp and fast_exp agree bitwise.)
-        const float sum = row_sum(
-            cols,
-            [&](int64_t i) {
-                const vfloat e = vexp(load(xr + i) - mx);
-                store(yr + i, e);
-                return e;
-            },
-            [&](int64_t i) { return yr[i] = fast_exp(xr[i] - mx); });
+        // but exp(NaN - mx) below brings it back into the sum.
+        const float sum = exp_and_sum(yr, xr, cols, mx);
         const float inv = 1.0f / sum;
 #pragma omp simd
         for (int64_t i = 0; i < cols; ++i) yr[i] *= inv;
