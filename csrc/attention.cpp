@@ -180,12 +180,7 @@ void transpose_in(float* dst, int64_t lanes, const float* src, int64_t stride, i
                   int64_t D) {
     const int64_t n8 = n / 8 * 8, D8 = D / 8 * 8;
     for (int64_t i = 0; i < n8; i += 8) {
-        for (int64_t d = 0; d < D8; d += 8) {
-            v8f r[8];
-            for (int u = 0; u < 8; ++u) std::memcpy(&r[u], src + (i + u) * stride + d, sizeof(v8f));
-            transpose8(r);
-            for (int u = 0; u < 8; ++u) std::memcpy(dst + (d + u) * lanes + i, &r[u], sizeof(v8f));
-        }
+        for (int64_t d = 0; d < D8; d += 8) transpose_block8<8>(dst + d * lanes + i, lanes, src + i * stride + d, stride);
         for (int64_t d = D8; d < D; ++d)
             for (int u = 0; u < 8; ++u) dst[d * lanes + i + u] = src[(i + u) * stride + d];
     }
@@ -331,6 +326,8 @@ inline vfloat lane_index() {
 // forward
 
 // One block of queries of one head: the tiled online softmax described at the top.
+// Floats of scratch forward_block lays out (below); dq_block_scratch and kv_block_scratch likewise.
+int64_t forward_block_scratch(int64_t D) { return 2 * D * BQ + BK * BQ + (BQ + BK) * D; }
 void forward_block(float* out, float* lse, const Problem& P, int64_t b, int64_t h, int64_t i0,
                    float* scratch) {
     const AttentionShape& s = P.s;
@@ -567,7 +564,8 @@ void copy_pair_rows(float* pair, const Problem& P, const Grads& g, int64_t b, in
 
 // dK and dV of keys [j0, j0 + nk) of kv head hk (all G query heads, every query block that sees
 // them), written to dk/dv; with_dq also adds dS K into dq (the caller owns those dq rows). pair:
-// copy_pair_rows's rows, or null to copy each query block's rows here.
+// copy_pair_rows's rows, or null to copy each query block's rows here. scratch: kv_block_scratch.
+int64_t kv_block_scratch(int64_t D) { return 2 * D * BK + 2 * BQ * BK + (3 * BK + 3 * BQ) * round_up(D, VEC); }
 void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j0, bool with_dq,
               const float* pair, float* scratch) {
     const AttentionShape& s = P.s;
@@ -683,6 +681,7 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
 
 // dq of one block of queries of one head, queries along the lanes (like the forward):
 // St = K Qt, dPt = V dOt, Pt and dSt in one pass, dQt (D x W) += K^T dSt.
+int64_t dq_block_scratch(int64_t D) { return 3 * D * BQ + 2 * BK * BQ + (BQ + BK) * D; }
 void dq_block(const Problem& P, const Grads& g, int64_t b, int64_t h, int64_t i0, float* scratch) {
     const AttentionShape& s = P.s;
     const int64_t D = s.D, T = s.T, H = s.H, nq = std::min(BQ, T - i0), W = round_up(nq, VEC);
@@ -773,7 +772,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
     TaskRanges tasks(BH * nqb, max_threads());
 #pragma omp parallel
     {
-        float* scratch = tls_scratch.get(2 * D * BQ + BK * BQ + (BQ + BK) * D);
+        float* scratch = tls_scratch.get(forward_block_scratch(D));
         for (int64_t t; (t = tasks.next(thread_id())) >= 0;) {
             const int64_t qb = nqb - 1 - t % nqb, b = t / nqb / H, h = t / nqb % H;
             forward_block(out, lse, P, b, h, qb * BQ, scratch);
@@ -816,7 +815,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     const Grads g{shape, dq, dk, dv, dout, lse, delta};
 
     const int64_t nkb = ceil_div(S, BK), nqb = ceil_div(T, BQ), pairs = B * Hkv;
-    const int64_t scratch_floats = 2 * D * BK + 2 * BQ * BK + (3 * BK + 3 * BQ) * round_up(D, VEC);
+    const int64_t scratch_floats = kv_block_scratch(D);
     // One task per (batch, kv head) does 5 tile products per tile pair; the two-pass scheme does
     // 7 but has nkb times more tasks. Pick the one pass when whole rounds of it keep the
     // threads at least 5/7 busy.
@@ -848,7 +847,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     }
 #pragma omp parallel
     {
-        float* scratch = tls_scratch.get(std::max(scratch_floats, 3 * D * BQ + 2 * BK * BQ + (BQ + BK) * D));
+        float* scratch = tls_scratch.get(std::max(scratch_floats, dq_block_scratch(D)));
         // Causal: the first key blocks are seen by the most queries; the last query blocks see
         // the most keys. Both loops hand out their heaviest tasks first.
 #pragma omp for schedule(dynamic, 1)

@@ -49,9 +49,10 @@ inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The sum (hsum) or max (hmax, of lanes that are not NaN: the running maxima m = x > m ? x : m
-// that callers keep never are) of a vector's lanes, halves combined until one lane is left. GCC 12 ends an `omp simd reduction` by storing the
-// vector and adding its lanes one at a time from the stack: 16 dependent adds per row (LayerNorm's
-// forward, two sums per row, at 8192 x 768: 1.17-1.23 ms with them, 0.95 with row_sum).
+// that callers keep never are) of a vector's lanes, halves combined until one lane is left.
+// GCC 12 ends an `omp simd reduction` by storing the vector and adding its lanes one at a time
+// from the stack: 16 dependent adds per row (LayerNorm's forward, two sums per row, at
+// 8192 x 768: 1.17-1.23 ms with them, 0.95 with row_sum).
 inline float hsum(vfloat v) {
 #if defined(__AVX512F__)
     return _mm512_reduce_add_ps((__m512)v);
