@@ -237,12 +237,16 @@ inline void copy_row(float* __restrict dst, const float* __restrict src, int64_t
     for (; i < n; ++i) dst[i] = src[i];
 }
 
+// Lanes D..ld of n rows (row stride ld) set to zero: the padding of rows copied into scratch.
+inline void zero_lanes(float* dst, int64_t ld, int64_t n, int64_t D) {
+    if (ld > D)
+        for (int64_t i = 0; i < n; ++i) std::fill(dst + i * ld + D, dst + (i + 1) * ld, 0.0f);
+}
+
 // n rows of D floats (row i at src + i*stride) into dst (row stride ld >= D), lanes D..ld zeroed.
 inline void copy_rows_padded(float* dst, int64_t ld, const float* src, int64_t stride, int64_t n, int64_t D) {
-    for (int64_t i = 0; i < n; ++i) {
-        copy_row(dst + i * ld, src + i * stride, D);
-        for (int64_t d = D; d < ld; ++d) dst[i * ld + d] = 0.0f;
-    }
+    for (int64_t i = 0; i < n; ++i) copy_row(dst + i * ld, src + i * stride, D);
+    zero_lanes(dst, ld, n, D);
 }
 
 // Row (b, i, h) of a (B, L, heads, D) view with the given (batch, seq, head) strides.
@@ -270,10 +274,9 @@ struct Problem {
     // stride ld >= D, lanes D..ld zeroed): rotated by RoPE when the problem has a table, else copied.
     void load_rows(float* dst, int64_t ld, const float* src, int64_t stride, int64_t n, int64_t pos0) const {
         if (!rot) return copy_rows_padded(dst, ld, src, stride, n, s.D);
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = 0; i < n; ++i)
             rope_row(dst + i * ld, src + i * stride, rot + (pos0 + i) * s.D, s.D / 2, 1.0f);
-            for (int64_t d = s.D; d < ld; ++d) dst[i * ld + d] = 0.0f;
-        }
+        zero_lanes(dst, ld, n, s.D);
     }
     // Rows [i0, i0 + n) of query head h / keys [j0, j0 + n) of kv head hk as a product reads
     // them: in place, or rotated into `scratch` (n x D) with RoPE. Sets *stride to their row stride.

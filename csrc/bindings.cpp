@@ -474,14 +474,16 @@ py::array_t<float> embedding_backward(const py::array& dout, const py::array& id
 // messages, e.g. "params[3]").
 llmcore::AdamwTensor adamw_tensor(py::array& param, const py::array& grad, py::array& m, py::array& v,
                                   float weight_decay, const std::string& where) {
+    const std::string grad_name = "grad" + where, m_name = "m" + where, v_name = "v" + where;
     llmcore::AdamwTensor t{};
     t.param = inout_f32(param, ("param" + where).c_str());
-    t.grad = in_f32(grad, ("grad" + where).c_str());
-    t.m = inout_f32(m, ("m" + where).c_str());
-    t.v = inout_f32(v, ("v" + where).c_str());
-    require_shape(grad, ("grad" + where).c_str(), shape_of(param));
-    require_shape(m, ("m" + where).c_str(), shape_of(param));
-    require_shape(v, ("v" + where).c_str(), shape_of(param));
+    t.grad = in_f32(grad, grad_name.c_str());
+    t.m = inout_f32(m, m_name.c_str());
+    t.v = inout_f32(v, v_name.c_str());
+    const Shape shape = shape_of(param);
+    require_shape(grad, grad_name.c_str(), shape);
+    require_shape(m, m_name.c_str(), shape);
+    require_shape(v, v_name.c_str(), shape);
     t.n = param.size();
     t.weight_decay = weight_decay;
     return t;
@@ -576,14 +578,19 @@ const float* alibi_ptr(const std::optional<py::array>& slopes, int64_t H) {
     return p;
 }
 
-// RoPE's table for attention: (S, D/2) complex64, C-contiguous, D even; read as (cos, sin) floats.
+// A RoPE table: (rows, D/2) complex64, C-contiguous, read as (cos, sin) float pairs.
+const float* rope_table(const py::array& table, const char* name, int64_t rows, int64_t D) {
+    require_dtype(table, name, py::dtype("complex64"), "complex64");
+    if (!(table.flags() & py::array::c_style)) fail(std::string(name) + ": expected a C-contiguous array");
+    require_shape(table, name, {(py::ssize_t)rows, (py::ssize_t)(D / 2)});
+    return static_cast<const float*>(table.data());
+}
+
+// RoPE's table for attention: (S, D/2), D even.
 const float* rope_ptr(const std::optional<py::array>& rope, const llmcore::AttentionShape& s) {
     if (!rope) return nullptr;
     if (s.D % 2) fail("rope: RoPE rotates pairs, so the head dimension D must be even, got " + std::to_string(s.D));
-    require_dtype(*rope, "rope", py::dtype("complex64"), "complex64");
-    if (!(rope->flags() & py::array::c_style)) fail("rope: expected a C-contiguous array");
-    require_shape(*rope, "rope", {(py::ssize_t)s.S, (py::ssize_t)(s.D / 2)});
-    return static_cast<const float*>(rope->data());
+    return rope_table(*rope, "rope", s.S, s.D);
 }
 
 void require_causal_fits(bool causal, const llmcore::AttentionShape& s) {
@@ -694,9 +701,7 @@ py::array rope(const py::array& x, const py::array& rot, py::array& out, bool co
     require_shape(out, "out", shape_of(x));
     s.B = x.shape(0); s.T = x.shape(1); s.H = x.shape(2); s.D = x.shape(3);
     if (s.D % 2) fail("x: RoPE rotates pairs, so the last axis must be even, got shape " + shape_str(x));
-    require_dtype(rot, "rot", py::dtype("complex64"), "complex64");
-    if (!(rot.flags() & py::array::c_style)) fail("rot: expected a C-contiguous array");
-    require_shape(rot, "rot", {(py::ssize_t)s.T, (py::ssize_t)(s.D / 2)});
+    const float* pr = rope_table(rot, "rot", s.T, s.D);
     for (int i = 0; i < 3; ++i)
         if (s.x_strides[i] < 0 || s.out_strides[i] < 0) fail("x, out: negative strides are not supported");
     if (x.size() == 0) return out;
@@ -704,7 +709,6 @@ py::array rope(const py::array& x, const py::array& rot, py::array& out, bool co
     const auto [olo, ohi] = byte_span(out, po, s.out_strides);
     const bool same = px == po && std::equal(s.x_strides, s.x_strides + 3, s.out_strides);
     if (!same && olo < xhi && xlo < ohi) fail("out: must be x itself or not overlap it");
-    const float* pr = static_cast<const float*>(rot.data());
     {
         // (scoped: returning `out` copies a handle, which must happen with the GIL held)
         py::gil_scoped_release nogil;

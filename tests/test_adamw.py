@@ -1,7 +1,10 @@
+import math
+
 import numpy as np
 import pytest
 
-from llmcore import ops, reference as ref
+import llmcore
+from llmcore import ops, optim, reference as ref
 from helpers import assert_close, randn
 
 HYPER = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -51,11 +54,6 @@ def test_adamw_refuses_arrays_it_cannot_update_in_place(rng):
 
 # ---------------------------------------------------------------------------------------------
 # adamw_step_multi, global_norm, and the optimizer's clipping through grad_scale
-
-import math  # noqa: E402
-
-import llmcore  # noqa: E402
-from llmcore import optim  # noqa: E402
 
 MULTI_SHAPES = [(0,), (1,), (15,), (16385,), (40000,), (3, 7), (129, 130), (0, 5), (2, 3, 4)]
 MULTI_DECAYS = [0.1, 0.0, 0.05, 0.0, 0.2, 0.1, 0.0, 0.3, 0.01]

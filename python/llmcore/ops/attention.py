@@ -202,8 +202,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alib
         if dq is None:
             return fresh
     else:  # the CPU core writes into dq, dk, dv when given
-        fused = () if rope is None else (rope,)
-        return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, dq, dk, dv, *fused)
+        return mod.attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, dq, dk, dv, rope)
     for g, f in zip((dq, dk, dv), fresh):
         g[...] = f
     return dq, dk, dv

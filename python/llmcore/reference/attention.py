@@ -55,7 +55,7 @@ def _rotate(x, rot, conjugate=False):
     """x (B, L, heads, D) with each pair of its last axis multiplied by rot (L, D/2) as complex
     numbers (conjugated when asked), in x's float dtype."""
     rot = np.asarray(rot)
-    if rot.ndim != 2 or rot.shape != (x.shape[1], x.shape[3] // 2) or x.shape[3] % 2:
+    if rot.shape != (x.shape[1], x.shape[3] // 2) or x.shape[3] % 2:
         raise ValueError(f"rope: expected an (S, D/2) = ({x.shape[1]}, {x.shape[3] // 2}) table for "
                          f"an even D, got {rot.shape} with D = {x.shape[3]}")
     dt = np.asarray(x).dtype
@@ -64,8 +64,9 @@ def _rotate(x, rot, conjugate=False):
     return (cx * (r.conj() if conjugate else r)[None, :, None, :]).view(dt)
 
 
-def rotate_qk(q, k, rope):
-    """q and k rotated by rope (S, D/2): the queries by the rows of their positions S - T + i."""
+def rotate_qk(q, k, rope, conjugate=False):
+    """q and k rotated by rope (S, D/2): the queries by the rows of their positions S - T + i
+    (rotated back, the backward of that, with conjugate)."""
     if rope is None:
         return q, k
     T, S = q.shape[1], k.shape[1]
@@ -76,7 +77,7 @@ def rotate_qk(q, k, rope):
         raise ValueError(f"rope: expected {S} rows (one per key position), got shape {rope.shape}")
     if T > S:
         raise ValueError(f"rope: query i sits at position S - T + i, so it needs T <= S (T={T}, S={S})")
-    return _rotate(q, rope[S - T:]), _rotate(k, rope)
+    return _rotate(q, rope[S - T:], conjugate), _rotate(k, rope, conjugate)
 
 
 def _heads(x, H, dt):
@@ -129,8 +130,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, scale=None, alib
     if rope is not None:
         dq, dk, dv = attention_backward(dout, *rotate_qk(q, k, rope), v, out, lse, causal=causal,
                                         scale=scale, alibi_slopes=alibi_slopes)
-        rope = np.asarray(rope)
-        return _rotate(dq, rope[S - T:], conjugate=True), _rotate(dk, rope, conjugate=True), dv
+        return (*rotate_qk(dq, dk, rope, conjugate=True), dv)
     G = H // Hkv
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     dt = q.dtype
