@@ -476,3 +476,20 @@ def test_clip_scale_edge_cases():
     assert 0 < s < 1 and s == pytest.approx(0.25, rel=1e-6)
     assert 4.0 * s <= 1.0  # never scales past the limit
     assert optim.clip_scale(1e6, 1e-3) == pytest.approx(1e-9, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype, backend", [(np.float32, "cpu"), (np.float64, "numpy")])
+def test_adamw_and_grad_norm_pick_the_same_backend(rng, dtype, backend):
+    """With no backend named, the optimizer and the gradient norm run where the parameters' dtype
+    says: the compiled core for float32, the reference for float64 (which the core rejects)."""
+    params = {name: llmcore.nn.Parameter(randn(rng, shape, dtype)) for name, shape in
+              (("w", (3, 4)), ("b", (4,)))}
+    for p in params.values():
+        p.grad[...] = randn(rng, p.data.shape, dtype)
+    assert optim.backend_for([p.data for p in params.values()]) == backend
+    assert optim.AdamW(params).be.name == backend
+    want = math.sqrt(sum(float(np.sum(p.grad.astype(np.float64) ** 2)) for p in params.values()))
+    assert optim.grad_norm(params) == pytest.approx(want, rel=1e-12 if dtype == np.float64 else 1e-6)
+    if dtype == np.float64:  # why the rule exists: the compiled core refuses float64
+        with pytest.raises(TypeError, match="float32"):
+            optim.grad_norm(params, "cpu")

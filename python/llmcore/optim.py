@@ -18,13 +18,7 @@ class AdamW:
     def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, backend=None):
         self.params = dict(params)
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        if backend is None:  # where the parameters live: the compiled core for float32, the reference for float64
-            dtypes = {p.data.dtype for p in self.params.values()}
-            if any(nn.array_module(p.data) is not np for p in self.params.values()):
-                backend = "cuda"
-            else:
-                backend = "cpu" if dtypes <= {np.dtype(np.float32)} else "numpy"
-        self.be = nn.get_backend(backend)
+        self.be = nn.get_backend(backend or backend_for([p.data for p in self.params.values()]))
         xp = self.be.xp  # the moments live beside the parameters (on the GPU for "cuda")
         self.m = {k: xp.zeros_like(p.data) for k, p in self.params.items()}
         self.v = {k: xp.zeros_like(p.data) for k, p in self.params.items()}
@@ -35,12 +29,11 @@ class AdamW:
         the gradients are not modified). lr overrides self.lr, for schedules."""
         self.step_count += 1
         lr = self.lr if lr is None else lr
-        names = list(self.params)
+        params = self.params.values()  # (.grad is read afresh: a layer may hand in a new array)
         self.be.ops.adamw_step_multi(
-            [self.params[k].data for k in names], [self.params[k].grad for k in names],
-            [self.m[k] for k in names], [self.v[k] for k in names], lr=lr, beta1=self.betas[0],
-            beta2=self.betas[1], eps=self.eps,
-            weight_decay=[self.weight_decay if self.params[k].data.ndim >= 2 else 0.0 for k in names],
+            [p.data for p in params], [p.grad for p in params], list(self.m.values()),
+            list(self.v.values()), lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+            weight_decay=[self.weight_decay if p.data.ndim >= 2 else 0.0 for p in params],
             step=self.step_count, grad_scale=grad_scale)
 
     def state_arrays(self) -> dict:
@@ -71,16 +64,22 @@ def lr_schedule(step: int, *, max_lr: float, min_lr: float, warmup: int, total: 
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def grad_norm(params: dict) -> float:
-    """The global norm of every parameter's gradient (inf or NaN when one is not finite). float32
-    gradients go through llmcore.ops.global_norm (one threaded pass on the CPU, one transfer from
-    the GPU), float64 ones through the reference."""
-    from . import ops, reference
+def backend_for(arrays) -> str:
+    """The backend that updates these arrays when none is named, the same for AdamW and grad_norm:
+    "cuda" for CuPy arrays, else the compiled core ("cpu") when all are float32 and the reference
+    ("numpy") otherwise (float64)."""
+    arrays = list(arrays)
+    if any(nn.array_module(a) is not np for a in arrays):
+        return "cuda"
+    return "cpu" if all(a.dtype == np.float32 for a in arrays) else "numpy"
 
+
+def grad_norm(params: dict, backend=None) -> float:
+    """The global norm of every parameter's gradient (inf or NaN when one is not finite), through
+    the backend's global_norm: on the compiled core one threaded pass on the CPU, one transfer from
+    the GPU. backend: a name or nn.Backend (an optimizer's .be), by default backend_for(grads)."""
     grads = [p.grad for p in params.values()]
-    if all(g.dtype == np.float32 for g in grads):
-        return ops.global_norm(grads)
-    return reference.global_norm(grads)
+    return nn.get_backend(backend or backend_for(grads)).ops.global_norm(grads)
 
 
 def clip_scale(norm: float, max_norm) -> float:

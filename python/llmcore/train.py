@@ -89,7 +89,7 @@ def train_step(model, opt, x, y, *, lr: float, grad_clip: float) -> tuple[float,
     if math.isfinite(loss):
         model.zero_grad()
         model.backward()
-        norm = grad_norm(opt.params)
+        norm = grad_norm(opt.params, opt.be)
     if math.isfinite(loss) and math.isfinite(norm):
         opt.step(lr, grad_scale=clip_scale(norm, grad_clip))  # clipping applied as AdamW reads each gradient
     return loss, norm
