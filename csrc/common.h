@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -87,6 +88,29 @@ inline float row_sum(int64_t n, Vec vec, One one) {
     float sum = hsum(a0 + a1);
     for (; i < n; ++i) sum += one(i);
     return sum;
+}
+
+// Two sums over one pass of a row, as row_sum: vec(i) gives both sums' VEC terms as a pair of
+// vfloats, one(i) both terms of element i as a pair of floats.
+template <class Vec, class One>
+inline std::pair<float, float> row_sum2(int64_t n, Vec vec, One one) {
+    vfloat a0{}, a1{}, b0{}, b1{};
+    int64_t i = 0;
+    for (; i + 2 * VEC <= n; i += 2 * VEC) {
+        const auto [x0, y0] = vec(i);
+        const auto [x1, y1] = vec(i + VEC);
+        a0 += x0, b0 += y0, a1 += x1, b1 += y1;
+    }
+    if (i + VEC <= n) {
+        const auto [x0, y0] = vec(i);
+        a0 += x0, b0 += y0, i += VEC;
+    }
+    float sa = hsum(a0 + a1), sb = hsum(b0 + b1);
+    for (; i < n; ++i) {
+        const auto [x, y] = one(i);
+        sa += x, sb += y;
+    }
+    return {sa, sb};
 }
 
 // max over x[0..n): a NaN never wins; -inf for n = 0.

@@ -40,18 +40,20 @@ void layernorm_backward_rows(float* dx, float* dw, float* db, const float* dy, c
         float* dxr = dx + r * C;
         const float m = mean[r], s = rstd[r];
         // g = dy * weight is rounded once and kept in dx, so that g - mean(g) is exactly 0
-        // where it should be (C = 1) instead of an FMA's leftover rounding error.
-        const float g_sum = row_sum(
+        // where it should be (C = 1) instead of an FMA's leftover rounding error. The sums of g
+        // and of g * xhat in one pass (in two passes the backward took 2.37 ms against 2.22 at
+        // 8192 x 768, 0.38 against 0.29 at 4096 x 256: both threads, alternating builds).
+        const auto [g_sum, gx_sum] = row_sum2(
             C,
             [&](int64_t i) {
                 const vfloat g = load(dyr + i) * load(weight + i);
                 store(dxr + i, g);
-                return g;
+                return std::pair{g, g * ((load(xr + i) - m) * s)};
             },
-            [&](int64_t i) { return dxr[i] = dyr[i] * weight[i]; });
-        const float gx_sum = row_sum(
-            C, [&](int64_t i) { return load(dxr + i) * (load(xr + i) - m) * s; },
-            [&](int64_t i) { return dxr[i] * (xr[i] - m) * s; });
+            [&](int64_t i) {
+                const float g = dxr[i] = dyr[i] * weight[i];
+                return std::pair{g, g * ((xr[i] - m) * s)};
+            });
         const float g_mean = g_sum / (float)C, gx_mean = gx_sum / (float)C;
 #pragma omp simd
         for (int64_t i = 0; i < C; ++i) {
