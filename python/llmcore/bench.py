@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -752,6 +753,11 @@ def machine_info(torch=None) -> dict:
     if torch is not None:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+    # The allocator decides whether NumPy's and torch's large temporaries page-fault fresh memory
+    # (glibc's default for blocks of 32 MiB and more) or reuse touched memory, as llmcore's output
+    # pool does: it moves their times by up to 4x (benchmarks/README.md), so it goes on record.
+    info["allocator_env"] = {k: v for k, v in os.environ.items()
+                             if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
     return info
 
 
