@@ -29,7 +29,9 @@ class AdamW:
         the gradients are not modified). lr overrides self.lr, for schedules."""
         self.step_count += 1
         lr = self.lr if lr is None else lr
-        params = self.params.values()  # (.grad is read afresh: a layer may hand in a new array)
+        # .grad is read afresh (a layer may hand in a new array); m and v were built in the
+        # parameters' order.
+        params = self.params.values()
         self.be.ops.adamw_step_multi(
             [p.data for p in params], [p.grad for p in params], list(self.m.values()),
             list(self.v.values()), lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
