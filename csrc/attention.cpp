@@ -557,6 +557,15 @@ struct Grads {
     float* dv_row(int64_t b, int64_t j, int64_t hk) const { return row_at(dv, s.dv_strides, b, j, hk); }
 };
 
+// Queries [i0, i0 + n) of head h as the backward's products read them: their Q rows (rotated
+// with RoPE) into q and their dout rows into d, both with row stride Dp >= D, zero lanes past D.
+void load_query_rows(float* q, float* d, int64_t Dp, const Problem& P, const Grads& g, int64_t b,
+                     int64_t h, int64_t i0, int64_t n) {
+    const AttentionShape& s = P.s;
+    P.load_rows(q, Dp, P.q_row(b, i0, h), s.q_strides[1], n, P.off + i0);
+    copy_rows_padded(d, Dp, g.dout + ((b * s.T + i0) * s.H + h) * s.D, s.H * s.D, n, s.D);
+}
+
 // The Q rows (rotated with RoPE) and dout rows of every query head of kv head hk, copied once for
 // all its key blocks: pair[((h - hk G) T + i) Dp + d] for q, the same G T Dp floats later for
 // dout (zero lanes past D). Copied per tile pair instead, a query block's rows were copied again
@@ -564,12 +573,10 @@ struct Grads {
 int64_t pair_rows_floats(const AttentionShape& s, int64_t G) { return 2 * G * s.T * round_up(s.D, VEC); }
 constexpr int64_t kPairRowsMax = int64_t(1) << 17;  // floats: 512 KiB
 void copy_pair_rows(float* pair, const Problem& P, const Grads& g, int64_t b, int64_t hk) {
-    const AttentionShape& s = P.s;
-    const int64_t T = s.T, D = s.D, Dp = round_up(D, VEC);
+    const int64_t T = P.s.T, Dp = round_up(P.s.D, VEC);
     for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
         float* q = pair + (h - hk * P.G) * T * Dp;
-        P.load_rows(q, Dp, P.q_row(b, 0, h), s.q_strides[1], T, P.off);
-        copy_rows_padded(q + P.G * T * Dp, Dp, g.dout + (b * T * s.H + h) * D, s.H * D, T, D);
+        load_query_rows(q, q + P.G * T * Dp, Dp, P, g, b, h, 0, T);
     }
 }
 
@@ -581,7 +588,7 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
               const float* pair, float* scratch) {
     const AttentionShape& s = P.s;
     const int64_t D = s.D, T = s.T, H = s.H, nk = std::min(BK, s.S - j0), kl = round_up(nk, VEC);
-    const int64_t qs = s.q_strides[1], ks = s.k_strides[1], HD = H * D;
+    const int64_t ks = s.k_strides[1];
     const float scale = P.scale;
     // Rows that a product reads as B (or writes as C) go through contiguous, zero-padded copies
     // of Dp floats: read in place, a whole (T, H, D) row apart (2 KiB at H = 8, D = 64), the 64
@@ -626,8 +633,7 @@ void kv_block(const Problem& P, const Grads& g, int64_t b, int64_t hk, int64_t j
                 qrows = pair + ((h - hk * P.G) * T + i0) * Dp;
                 drows = qrows + P.G * T * Dp;
             } else {
-                P.load_rows(qc, Dp, P.q_row(b, i0, h), qs, nq, p0);
-                copy_rows_padded(dc, Dp, g.dout + ((b * T + i0) * H + h) * D, HD, nq, D);
+                load_query_rows(qc, dc, Dp, P, g, b, h, i0, nq);
             }
 
             // S (nq x kl) = Q Kt and dP (nq x kl) = dO Vt; then in one pass over both tiles
